@@ -1,0 +1,180 @@
+//! Operator commands. Each opens the database on its own connection (WAL lets it work while
+//! the daemon runs) and prints for people, or JSON with `--json`.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::model::{DeviceKey, Origin};
+use crate::store::{Db, OpenOptions, Status, StoreError};
+
+/// Human-readable byte count.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+pub fn render_status(s: &Status) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "database       {} (schema {})",
+        s.path.display(),
+        s.schema_version
+    );
+    let _ = writeln!(
+        out,
+        "size           {} + {} WAL",
+        bytes(s.db_bytes),
+        bytes(s.wal_bytes)
+    );
+    let _ = writeln!(out, "devices        {}", s.devices);
+    let _ = writeln!(out, "reported docs  {}", s.reported_states);
+    let _ = writeln!(out, "telemetry      {} points", s.telemetry_points);
+    let _ = writeln!(
+        out,
+        "desired        {} not yet acknowledged by the broker",
+        s.desired_unpublished
+    );
+    let _ = writeln!(
+        out,
+        "rejected       {} total, {} kept (nn-gateway rejected)",
+        s.rejected_total, s.rejected_kept
+    );
+    let _ = writeln!(out, "conflicts      {} pending", s.conflicts_pending);
+    if s.outbox.is_empty() {
+        let _ = writeln!(out, "outbox         empty");
+    } else {
+        let _ = writeln!(out, "outbox");
+        for c in &s.outbox {
+            let _ = writeln!(out, "  {:<10} {:<10} {}", c.target, c.state, c.rows);
+        }
+    }
+    out
+}
+
+/// `nn-gateway status`.
+pub fn status(path: &Path, json: bool) -> Result<String, StoreError> {
+    let s = Db::open_readonly(path)?.status()?;
+    Ok(if json { to_json(&s) } else { render_status(&s) })
+}
+
+/// `nn-gateway devices`.
+pub fn devices(path: &Path, json: bool) -> Result<String, StoreError> {
+    let devices = Db::open_readonly(path)?.devices()?;
+    if json {
+        return Ok(to_json(&devices));
+    }
+    let mut out = String::new();
+    if devices.is_empty() {
+        out.push_str("no devices yet\n");
+    }
+    for d in &devices {
+        let last = d
+            .last_seen
+            .map_or_else(|| "never".to_owned(), |t| t.to_rfc3339());
+        let _ = writeln!(
+            out,
+            "{}  (via {}, last seen {}, {} telemetry points)",
+            d.key, d.origin, last, d.telemetry_points
+        );
+        let _ = writeln!(
+            out,
+            "  reported: {}",
+            doc(d.reported.as_ref(), d.reported_version)
+        );
+        let _ = writeln!(
+            out,
+            "  desired:  {}",
+            doc(d.desired.as_ref(), d.desired_version)
+        );
+    }
+    Ok(out)
+}
+
+fn doc(value: Option<&Value>, version: Option<i64>) -> String {
+    match (value, version) {
+        (Some(v), Some(n)) => format!("{v} (v{n})"),
+        _ => "-".to_owned(),
+    }
+}
+
+/// `nn-gateway rejected`.
+pub fn rejected(path: &Path, limit: usize, json: bool) -> Result<String, StoreError> {
+    let rows = Db::open_readonly(path)?.rejected(limit)?;
+    if json {
+        return Ok(to_json(&rows));
+    }
+    let mut out = String::new();
+    if rows.is_empty() {
+        out.push_str("no rejected messages kept\n");
+    }
+    for r in &rows {
+        let _ = writeln!(
+            out,
+            "{}  {} {}  device={}  {} bytes\n  reason: {}\n  payload: {:?}",
+            r.received_at.to_rfc3339(),
+            r.origin,
+            r.locator,
+            r.device.as_deref().unwrap_or("-"),
+            r.size,
+            r.reason,
+            r.excerpt
+        );
+    }
+    Ok(out)
+}
+
+/// Why `desired set` refused its arguments.
+#[derive(Debug, thiserror::Error)]
+pub enum DesiredError {
+    #[error("device {0}")]
+    Device(String),
+    #[error("desired document is not valid JSON: {0}")]
+    Json(String),
+    #[error("desired document must be a JSON object, got {0}")]
+    NotObject(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// `nn-gateway desired set DEVICE JSON`: the local operator's edit. The running daemon
+/// publishes it at its next downlink poll.
+pub fn set_desired(path: &Path, device: &str, json: &str) -> Result<String, DesiredError> {
+    let key = DeviceKey::parse(device).map_err(DesiredError::Device)?;
+    let doc: Value = serde_json::from_str(json).map_err(|e| DesiredError::Json(e.to_string()))?;
+    if !doc.is_object() {
+        return Err(DesiredError::NotObject(doc.to_string()));
+    }
+    // Opened like the daemon opens it (migrating a fresh file) but with no cloud targets:
+    // this command writes no outbox rows.
+    let opts = OpenOptions {
+        synchronous: crate::config::Synchronous::Full,
+        targets: Vec::new(),
+        rejected_keep: 0,
+    };
+    let mut db = Db::open(path, &opts)?;
+    let stored = db.set_desired(&key, &doc, Origin::Local)?;
+    Ok(format!(
+        "desired state of {} is now version {}: {}\n",
+        stored.device, stored.version, stored.doc
+    ))
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    let mut s =
+        serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+    s.push('\n');
+    s
+}

@@ -1,0 +1,693 @@
+//! Configuration: one typed struct, loaded from TOML and `NNGW_` environment variables.
+//!
+//! Precedence, lowest first: the defaults on the structs below (`Default` impls sit next to
+//! each struct), then the file (`-c FILE`, or the embedded `config/gateway.toml` when no file
+//! is given), then the environment (`NNGW_MQTT__PORT=18830` sets `mqtt.port`; `__` separates
+//! levels). Unknown keys are errors, durations are humantime strings (`"30s"`, `"5m"`), and
+//! every error names the file, the key and what is wrong with the value.
+//!
+//! Secrets (the MQTT password, the cloud API keys) never live in this file: they are read from
+//! a file named by `*_file` keys or from systemd credentials (`$CREDENTIALS_DIRECTORY/<name>`),
+//! held in [`Secret`], and printed as `<redacted>` everywhere.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::FormatChoice;
+
+/// The annotated default configuration, embedded so `nn-gateway run` works with no file.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../config/gateway.toml");
+
+/// Name used for the embedded file in error messages.
+pub const EMBEDDED_NAME: &str = "<embedded config/gateway.toml>";
+
+/// Prefix of environment overrides.
+pub const ENV_PREFIX: &str = "NNGW";
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub gateway: GatewayConfig,
+    pub storage: StorageConfig,
+    pub mqtt: MqttConfig,
+    pub coap: CoapConfig,
+    pub golioth: GoliothConfig,
+    pub netneural: NetNeuralConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// How long shutdown may take to finish acknowledging what is already stored before it
+    /// abandons the rest (which the broker or device then sends again).
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// How often the daemon polls the store for desired-state changes made by another process
+    /// (the `desired set` command); edits made inside the daemon are published at once.
+    #[serde(with = "humantime_serde")]
+    pub downlink_poll: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            shutdown_timeout: Duration::from_secs(10),
+            downlink_poll: Duration::from_secs(1),
+        }
+    }
+}
+
+/// `PRAGMA synchronous` for the mirror.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// fsync at every commit: an acknowledged message survives a power cut. Commits are grouped,
+    /// so this costs one fsync per batch, not per message.
+    Full,
+    /// Survives a process crash, but the last commits may be lost in a power cut.
+    Normal,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// The SQLite database file; its directory is created if missing.
+    pub path: PathBuf,
+    pub synchronous: Synchronous,
+    /// How many rejected messages are kept for inspection (oldest dropped first).
+    pub rejected_keep: u32,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            path: PathBuf::from("data/gateway.db"),
+            synchronous: Synchronous::Full,
+            rejected_keep: 1000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    pub enabled: bool,
+    pub host: String,
+    pub port: u16,
+    /// Must be stable across restarts: the broker keeps our persistent session (and the
+    /// messages queued while we were away) under this id.
+    pub client_id: String,
+    pub username: Option<String>,
+    /// File holding the broker password (first line); or credential `mqtt-password`.
+    pub password_file: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// First reconnect delay; doubles up to `reconnect_max`, with full jitter.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    /// Larger messages are acknowledged, refused and recorded as rejected.
+    pub max_message_size: usize,
+    pub topics: TopicsConfig,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            enabled: true,
+            host: "127.0.0.1".into(),
+            port: 1883,
+            client_id: "nn-gateway".into(),
+            username: None,
+            password_file: None,
+            keep_alive: Duration::from_secs(30),
+            reconnect_min: Duration::from_millis(500),
+            reconnect_max: Duration::from_secs(60),
+            max_message_size: 256 * 1024,
+            topics: TopicsConfig::default(),
+        }
+    }
+}
+
+/// Topic templates; `{device}` stands for one topic level holding the device key.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicsConfig {
+    pub state: String,
+    pub telemetry: String,
+    pub desired: String,
+    pub state_format: FormatChoice,
+    pub telemetry_format: FormatChoice,
+}
+
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        TopicsConfig {
+            state: "devices/{device}/state".into(),
+            telemetry: "devices/{device}/telemetry".into(),
+            desired: "devices/{device}/desired".into(),
+            state_format: FormatChoice::Auto,
+            telemetry_format: FormatChoice::Auto,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoapConfig {
+    pub enabled: bool,
+    pub bind: SocketAddr,
+    /// Requests handled at once; beyond this the server answers 5.03 with Max-Age.
+    pub max_concurrent: usize,
+    /// Larger payloads get 4.13 Request Entity Too Large.
+    pub max_message_size: usize,
+}
+
+impl Default for CoapConfig {
+    fn default() -> Self {
+        CoapConfig {
+            enabled: true,
+            bind: SocketAddr::from(([0, 0, 0, 0], 5683)),
+            max_concurrent: 64,
+            max_message_size: 1024,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GoliothConfig {
+    pub enabled: bool,
+    pub api_url: String,
+    pub project_id: String,
+    /// File holding the API key; or credential `golioth-api-key`.
+    pub api_key_file: Option<PathBuf>,
+    /// LightDB State path of the device's reported state.
+    pub reported_path: String,
+    /// LightDB State path of the desired state the device observes.
+    pub desired_path: String,
+    #[serde(skip_deserializing)]
+    pub api_key: Option<Secret>,
+}
+
+impl Default for GoliothConfig {
+    fn default() -> Self {
+        GoliothConfig {
+            enabled: false,
+            api_url: "https://api.golioth.io".into(),
+            project_id: String::new(),
+            api_key_file: None,
+            reported_path: "state".into(),
+            desired_path: "desired".into(),
+            api_key: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetNeuralConfig {
+    pub enabled: bool,
+    /// The Supabase project URL, `https://<ref>.supabase.co`.
+    pub url: String,
+    pub organization_id: String,
+    /// File holding the service key; or credential `netneural-api-key`.
+    pub api_key_file: Option<PathBuf>,
+    #[serde(skip_deserializing)]
+    pub api_key: Option<Secret>,
+}
+
+impl Default for NetNeuralConfig {
+    fn default() -> Self {
+        NetNeuralConfig {
+            enabled: false,
+            url: String::new(),
+            organization_id: String::new(),
+            api_key_file: None,
+            api_key: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// The journal when stderr is connected to it (under systemd), text otherwise.
+    Auto,
+    Text,
+    Journald,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter: `info`, `nn_gateway=debug`, … (`RUST_LOG` wins when set).
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Auto,
+        }
+    }
+}
+
+/// A credential. Its `Debug`, `Display` and `Serialize` never show the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The value, for the one place that puts it on the wire.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+/// A configuration problem: where it is and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{origin}: {message}")]
+pub struct ConfigError {
+    /// The file (or environment) the problem came from.
+    pub origin: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn at(origin: &str, key: &str, value: impl fmt::Display, problem: &str) -> ConfigError {
+        ConfigError {
+            origin: origin.to_owned(),
+            message: format!("key `{key}` = {value}: {problem}"),
+        }
+    }
+}
+
+/// Where the configuration comes from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    Embedded,
+    File(PathBuf),
+}
+
+impl Source {
+    pub fn name(&self) -> String {
+        match self {
+            Source::Embedded => EMBEDDED_NAME.to_owned(),
+            Source::File(p) => p.display().to_string(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads, overlays the process environment, validates and reads secrets.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the file, key and value at fault.
+    pub fn load(source: &Source) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        Config::load_with(source, &env, creds.as_deref())
+    }
+
+    /// [`Config::load`] with the environment passed in, so precedence is testable without
+    /// touching the process environment.
+    pub fn load_with(
+        source: &Source,
+        env: &[(String, String)],
+        credentials_dir: Option<&Path>,
+    ) -> Result<Config, ConfigError> {
+        let origin = source.name();
+        let text = match source {
+            Source::Embedded => EMBEDDED_DEFAULT.to_owned(),
+            Source::File(path) => std::fs::read_to_string(path).map_err(|e| ConfigError {
+                origin: origin.clone(),
+                message: format!("cannot read the file: {e}"),
+            })?,
+        };
+        let file = config::File::from_str(&text, config::FileFormat::Toml);
+        let env_map: config::Map<String, String> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}_")))
+            .cloned()
+            .collect();
+        let environment = config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true)
+            .source(Some(env_map));
+        let mut cfg: Config = config::Config::builder()
+            .add_source(file)
+            .add_source(environment)
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError {
+                origin: origin.clone(),
+                message: e.to_string(),
+            })?;
+        cfg.validate(&origin)?;
+        cfg.read_secrets(&origin, credentials_dir)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let t = &self.mqtt.topics;
+        for (key, template) in [
+            ("mqtt.topics.state", &t.state),
+            ("mqtt.topics.telemetry", &t.telemetry),
+            ("mqtt.topics.desired", &t.desired),
+        ] {
+            crate::mqtt::topics::Template::parse(template).map_err(|problem| {
+                ConfigError::at(origin, key, format!("{template:?}"), &problem)
+            })?;
+        }
+        if t.state == t.telemetry {
+            return Err(ConfigError::at(
+                origin,
+                "mqtt.topics.telemetry",
+                format!("{:?}", t.telemetry),
+                "must differ from mqtt.topics.state",
+            ));
+        }
+        if self.mqtt.enabled && self.mqtt.host.trim().is_empty() {
+            return Err(ConfigError::at(
+                origin,
+                "mqtt.host",
+                "\"\"",
+                "must name the broker",
+            ));
+        }
+        if self.mqtt.enabled && self.mqtt.port == 0 {
+            return Err(ConfigError::at(origin, "mqtt.port", 0, "must be 1-65535"));
+        }
+        if self.mqtt.client_id.is_empty() || self.mqtt.client_id.len() > 64 {
+            return Err(ConfigError::at(
+                origin,
+                "mqtt.client_id",
+                format!("{:?}", self.mqtt.client_id),
+                "must be 1-64 bytes",
+            ));
+        }
+        if self.mqtt.reconnect_min.is_zero() || self.mqtt.reconnect_min > self.mqtt.reconnect_max {
+            return Err(ConfigError::at(
+                origin,
+                "mqtt.reconnect_min",
+                humantime::format_duration(self.mqtt.reconnect_min),
+                "must be above zero and at most mqtt.reconnect_max",
+            ));
+        }
+        if self.coap.max_concurrent == 0 {
+            return Err(ConfigError::at(
+                origin,
+                "coap.max_concurrent",
+                0,
+                "must be at least 1",
+            ));
+        }
+        if self.gateway.downlink_poll.is_zero() {
+            return Err(ConfigError::at(
+                origin,
+                "gateway.downlink_poll",
+                "0s",
+                "must be above zero",
+            ));
+        }
+        if self.golioth.enabled && self.golioth.project_id.is_empty() {
+            return Err(ConfigError::at(
+                origin,
+                "golioth.project_id",
+                "\"\"",
+                "required when golioth.enabled = true",
+            ));
+        }
+        if self.netneural.enabled && !self.netneural.url.starts_with("http") {
+            return Err(ConfigError::at(
+                origin,
+                "netneural.url",
+                format!("{:?}", self.netneural.url),
+                "required when netneural.enabled = true: the project URL, https://<ref>.supabase.co",
+            ));
+        }
+        Ok(())
+    }
+
+    fn read_secrets(&mut self, origin: &str, creds: Option<&Path>) -> Result<(), ConfigError> {
+        if self.golioth.enabled {
+            self.golioth.api_key = Some(read_secret(
+                origin,
+                "golioth.api_key_file",
+                self.golioth.api_key_file.as_deref(),
+                creds,
+                "golioth-api-key",
+            )?);
+        }
+        if self.netneural.enabled {
+            self.netneural.api_key = Some(read_secret(
+                origin,
+                "netneural.api_key_file",
+                self.netneural.api_key_file.as_deref(),
+                creds,
+                "netneural-api-key",
+            )?);
+        }
+        Ok(())
+    }
+
+    /// The MQTT password, if the broker needs one.
+    ///
+    /// # Errors
+    /// When `mqtt.password_file` names a file that cannot be read.
+    pub fn mqtt_password(&self, origin: &str) -> Result<Option<Secret>, ConfigError> {
+        let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        if self.mqtt.password_file.is_none()
+            && !creds
+                .as_deref()
+                .is_some_and(|d| d.join("mqtt-password").is_file())
+        {
+            return Ok(None);
+        }
+        read_secret(
+            origin,
+            "mqtt.password_file",
+            self.mqtt.password_file.as_deref(),
+            creds.as_deref(),
+            "mqtt-password",
+        )
+        .map(Some)
+    }
+
+    /// The sections (other than `log`, which reloads live) that differ in `new`: they take
+    /// effect only after a restart.
+    pub fn restart_needed(&self, new: &Config) -> Vec<&'static str> {
+        let render = |v: &dyn erased::Section| v.render();
+        let pairs: [(&'static str, String, String); 6] = [
+            ("gateway", render(&self.gateway), render(&new.gateway)),
+            ("storage", render(&self.storage), render(&new.storage)),
+            ("mqtt", render(&self.mqtt), render(&new.mqtt)),
+            ("coap", render(&self.coap), render(&new.coap)),
+            ("golioth", render(&self.golioth), render(&new.golioth)),
+            ("netneural", render(&self.netneural), render(&new.netneural)),
+        ];
+        pairs
+            .into_iter()
+            .filter(|(_, a, b)| a != b)
+            .map(|(k, _, _)| k)
+            .collect()
+    }
+
+    /// The effective configuration as TOML, secrets redacted.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+mod erased {
+    /// Any config section, rendered for comparison.
+    pub trait Section {
+        fn render(&self) -> String;
+    }
+    impl<T: serde::Serialize> Section for T {
+        fn render(&self) -> String {
+            toml::to_string(self).unwrap_or_default()
+        }
+    }
+}
+
+/// Reads a secret from an explicit file, else from the systemd credential `credential`.
+fn read_secret(
+    origin: &str,
+    key: &str,
+    file: Option<&Path>,
+    creds: Option<&Path>,
+    credential: &str,
+) -> Result<Secret, ConfigError> {
+    let path = match (file, creds) {
+        (Some(f), _) => f.to_path_buf(),
+        (None, Some(dir)) if dir.join(credential).is_file() => dir.join(credential),
+        _ => {
+            return Err(ConfigError {
+                origin: origin.to_owned(),
+                message: format!(
+                    "no secret for `{key}`: set {key} to a file holding it, or pass systemd \
+                     credential `{credential}` (LoadCredential=)"
+                ),
+            });
+        }
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        ConfigError::at(
+            origin,
+            key,
+            path.display(),
+            &format!("cannot read the secret: {e}"),
+        )
+    })?;
+    let value = text.lines().next().unwrap_or("").trim();
+    if value.is_empty() {
+        return Err(ConfigError::at(
+            origin,
+            key,
+            path.display(),
+            "the secret file is empty",
+        ));
+    }
+    Ok(Secret::new(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn the_embedded_default_loads_and_matches_the_struct_defaults() {
+        let cfg = Config::load_with(&Source::Embedded, &[], None).unwrap();
+        let defaults = Config::default();
+        assert_eq!(
+            cfg.to_toml(),
+            defaults.to_toml(),
+            "config/gateway.toml drifted from the Default impls"
+        );
+        assert_eq!(cfg.mqtt.port, 1883);
+        assert!(!cfg.golioth.enabled && !cfg.netneural.enabled);
+    }
+
+    #[test]
+    fn environment_overrides_file_which_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(
+            &dir,
+            "g.toml",
+            "[mqtt]\nport = 1884\nclient_id = \"from-file\"\n",
+        );
+        let cfg = Config::load_with(
+            &Source::File(file),
+            &env(&[("NNGW_MQTT__PORT", "18830"), ("OTHER_MQTT__PORT", "1")]),
+            None,
+        )
+        .unwrap();
+        assert_eq!(cfg.mqtt.port, 18830, "environment beats file");
+        assert_eq!(cfg.mqtt.client_id, "from-file", "file beats default");
+        assert_eq!(cfg.mqtt.host, "127.0.0.1", "default fills the rest");
+    }
+
+    #[test]
+    fn errors_name_the_file_the_key_and_the_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            ("[mqtt]\nprot = 1\n", "prot"),
+            ("[mqtt]\nport = \"many\"\n", "mqtt.port"),
+            ("[mqtt]\nport = 70000\n", "mqtt.port"),
+            (
+                "[gateway]\nshutdown_timeout = \"soon\"\n",
+                "gateway.shutdown_timeout",
+            ),
+            (
+                "[mqtt.topics]\nstate = \"devices/+/state\"\n",
+                "mqtt.topics.state",
+            ),
+            (
+                "[storage]\nsynchronous = \"sometimes\"\n",
+                "storage.synchronous",
+            ),
+            (
+                "[golioth]\nenabled = true\nproject_id = \"p\"\n",
+                "golioth.api_key_file",
+            ),
+        ];
+        for (text, key) in cases {
+            let file = write(&dir, "bad.toml", text);
+            let err = Config::load_with(&Source::File(file.clone()), &[], None).unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                msg.contains(&file.display().to_string()),
+                "{msg} should name the file"
+            );
+            assert!(msg.contains(key), "{msg} should name {key}");
+        }
+    }
+
+    #[test]
+    fn secrets_come_from_files_or_credentials_and_never_print() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = tempfile::tempdir().unwrap();
+        std::fs::write(creds.path().join("golioth-api-key"), "gol-SECRET-1\n").unwrap();
+        let key_file = write(&dir, "nn.key", "nn-SECRET-2\n");
+        let file = write(
+            &dir,
+            "g.toml",
+            &format!(
+                "[golioth]\nenabled = true\nproject_id = \"p\"\n[netneural]\nenabled = true\n\
+                 url = \"https://x.supabase.co\"\napi_key_file = {:?}\n",
+                key_file.display().to_string()
+            ),
+        );
+        let cfg = Config::load_with(&Source::File(file), &[], Some(creds.path())).unwrap();
+        assert_eq!(
+            cfg.golioth.api_key.as_ref().unwrap().expose(),
+            "gol-SECRET-1"
+        );
+        assert_eq!(
+            cfg.netneural.api_key.as_ref().unwrap().expose(),
+            "nn-SECRET-2"
+        );
+        let shown = format!("{}\n{:?}", cfg.to_toml(), cfg);
+        assert!(!shown.contains("SECRET"), "a secret leaked: {shown}");
+        assert!(shown.contains("<redacted>"));
+    }
+}

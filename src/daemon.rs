@@ -1,0 +1,214 @@
+//! The daemon: start-up, the main loop and shutdown, in the order they happen.
+//!
+//! [`run`] takes its sockets and its shutdown signal from the caller, so tests run a whole
+//! gateway on port 0 and stop it with their own token.
+//!
+//! Start-up: open the store (migrations) → start CoAP on the bound socket → start MQTT →
+//! start the downlink → READY=1.
+//! Main loop: every tick, WATCHDOG=1 if the store answers and its last commit succeeded, and a
+//! one-line STATUS=.
+//! Shutdown (the token fires, e.g. on SIGTERM): STOPPING=1 → CoAP stops reading, MQTT stops
+//! storing and acknowledges what is committed → all tasks end within
+//! `gateway.shutdown_timeout` → the store finishes its queue, checkpoints and closes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::UdpSocket;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::downlink::Downlink;
+use crate::health::{Health, LinkState};
+use crate::model::Target;
+use crate::notify::Notifier;
+use crate::store::{OpenOptions, Store, StoreError};
+
+/// Status line and watchdog period when systemd asks for no watchdog.
+const DEFAULT_TICK: Duration = Duration::from_secs(10);
+
+/// How long the store may take to answer the watchdog's ping before the daemon counts as
+/// unhealthy (and systemd, seeing no WATCHDOG=1, restarts it).
+const STORE_PING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Capacity of the broker-acknowledgement channel to the downlink. A dropped confirmation only
+/// causes a harmless republish.
+const PUBLISHED_QUEUE: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot bind CoAP socket {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("MQTT settings: {0}")]
+    Mqtt(String),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+/// The sockets the daemon serves on, bound by the caller.
+pub struct Sockets {
+    pub coap: Option<UdpSocket>,
+}
+
+impl Sockets {
+    /// Binds what the configuration asks for.
+    ///
+    /// # Errors
+    /// [`DaemonError::Bind`] naming the address.
+    pub async fn bind(cfg: &Config) -> Result<Sockets, DaemonError> {
+        let coap = if cfg.coap.enabled {
+            let addr = cfg.coap.bind;
+            Some(
+                UdpSocket::bind(addr)
+                    .await
+                    .map_err(|source| DaemonError::Bind { addr, source })?,
+            )
+        } else {
+            None
+        };
+        Ok(Sockets { coap })
+    }
+}
+
+/// Runs the gateway until `shutdown` fires, then shuts down in order.
+///
+/// # Errors
+/// When the store cannot be opened or the MQTT settings are unusable; once running, failures
+/// are retried and logged, not returned.
+pub async fn run(
+    config: Config,
+    sockets: Sockets,
+    shutdown: CancellationToken,
+    notifier: Notifier,
+) -> Result<(), DaemonError> {
+    let store = open_store(&config).await?;
+    let health = Health::default();
+    let tracker = TaskTracker::new();
+
+    let coap = sockets.coap.map(|socket| {
+        if let Ok(addr) = socket.local_addr() {
+            tracing::info!(%addr, "CoAP listening");
+        }
+        crate::coap::spawn(
+            socket,
+            &config.coap,
+            store.clone(),
+            &tracker,
+            shutdown.clone(),
+        )
+    });
+
+    let (published_tx, published_rx) = mpsc::channel(PUBLISHED_QUEUE);
+    let mqtt = if config.mqtt.enabled {
+        health.set_mqtt(LinkState::Down);
+        let password = config.mqtt_password("configuration")?;
+        Some(
+            crate::mqtt::spawn(
+                &config.mqtt,
+                password,
+                store.clone(),
+                health.clone(),
+                published_tx,
+                &tracker,
+                shutdown.clone(),
+                config.gateway.shutdown_timeout,
+            )
+            .map_err(DaemonError::Mqtt)?,
+        )
+    } else {
+        None
+    };
+
+    let bell = Arc::new(Notify::new());
+    let downlink = Downlink {
+        store: store.clone(),
+        mqtt,
+        coap,
+        bell: bell.clone(),
+        poll: config.gateway.downlink_poll,
+        published: published_rx,
+    };
+    tracker.spawn(downlink.run(shutdown.clone()));
+    tracker.close();
+
+    notifier.ready();
+    tracing::info!(database = %config.storage.path.display(), "gateway ready");
+
+    let tick = notifier.watchdog_interval().unwrap_or(DEFAULT_TICK);
+    let mut ticker = tokio::time::interval(tick);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = ticker.tick() => heartbeat(&store, &health, &notifier).await,
+        }
+    }
+
+    notifier.stopping();
+    tracing::info!(deadline = ?config.gateway.shutdown_timeout, "shutting down");
+    // The tasks have their own drain deadline; this one covers a task that ignores it.
+    let grace = config.gateway.shutdown_timeout + Duration::from_secs(2);
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!("tasks still running at the shutdown deadline; closing the store anyway");
+    }
+    store.close().await;
+    tracing::info!("store closed; bye");
+    Ok(())
+}
+
+async fn open_store(config: &Config) -> Result<Store, StoreError> {
+    let mut targets = Vec::new();
+    if config.golioth.enabled {
+        targets.push(Target::Golioth);
+    }
+    if config.netneural.enabled {
+        targets.push(Target::NetNeural);
+    }
+    let opts = OpenOptions {
+        synchronous: config.storage.synchronous,
+        targets,
+        rejected_keep: config.storage.rejected_keep,
+    };
+    let path = config.storage.path.clone();
+    tokio::task::spawn_blocking(move || Store::open(&path, &opts))
+        .await
+        .map_err(|e| StoreError::Open {
+            path: config.storage.path.clone(),
+            reason: format!("opening task failed: {e}"),
+        })?
+}
+
+/// WATCHDOG=1 only while the store answers and commits succeed; STATUS= always.
+async fn heartbeat(store: &Store, health: &Health, notifier: &Notifier) {
+    let status = tokio::time::timeout(STORE_PING_TIMEOUT, store.call(|db| db.status())).await;
+    match status {
+        Ok(Ok(s)) if store.is_healthy() => {
+            notifier.watchdog();
+            notifier.status(&format!(
+                "devices {} | outbox pending {} | rejected {} | mqtt {}",
+                s.devices,
+                s.outbox_pending(),
+                s.rejected_total,
+                health.mqtt().as_str()
+            ));
+        }
+        Ok(Ok(_)) => notifier.status("store: last commit failed (disk full?); retrying"),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "store does not answer status");
+            notifier.status(&format!("store error: {e}"));
+        }
+        Err(_) => {
+            tracing::error!(
+                "store did not answer within {STORE_PING_TIMEOUT:?}; withholding watchdog"
+            );
+            notifier.status("store not answering");
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! Downlink: carries desired-state changes from the store to the devices.
+//!
+//! The store is the truth: every desired document has a global change counter (`seq`) and a
+//! `published_seq`, the last change the MQTT broker acknowledged. This task wakes on the bell
+//! (an edit inside the daemon), on a timer (edits by another process, such as
+//! `nn-gateway desired set`, are seen at the next poll), and on the broker's acknowledgements,
+//! and then:
+//! - tells the CoAP server about every change since the last one it saw, for its observers;
+//! - publishes, retained at QoS 1, every document whose newest change the broker has not
+//!   acknowledged, and records the acknowledgement when it comes. A document handed to the
+//!   broker but not acknowledged within [`REPUBLISH_AFTER`] is published again; a retained
+//!   publish is idempotent, so a repeat is harmless and nothing is lost across restarts.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::coap::CoapHandle;
+use crate::model::DeviceKey;
+use crate::mqtt::{MqttHandle, Published};
+use crate::store::Store;
+
+/// Documents read from the store per pass; more are taken on the next pass.
+const PAGE: usize = 256;
+
+/// A publish not acknowledged within this time is sent again.
+pub const REPUBLISH_AFTER: Duration = Duration::from_secs(30);
+
+pub struct Downlink {
+    pub store: Store,
+    pub mqtt: Option<MqttHandle>,
+    pub coap: Option<CoapHandle>,
+    /// Rung after an in-process edit.
+    pub bell: Arc<Notify>,
+    pub poll: Duration,
+    pub published: mpsc::Receiver<Published>,
+}
+
+impl Downlink {
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut coap_cursor: i64 = 0;
+        let mut handed: HashMap<DeviceKey, (i64, Instant)> = HashMap::new();
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return,
+                Some(p) = self.published.recv() => {
+                    handed.remove(&p.device);
+                    let (device, seq) = (p.device.clone(), p.seq);
+                    if let Err(e) = self.store.call(move |db| db.mark_desired_published(&device, seq)).await {
+                        tracing::warn!(device = %p.device, error = %e, "cannot record desired publish; it will be sent again");
+                    }
+                    continue;
+                }
+                () = self.bell.notified() => {}
+                () = tokio::time::sleep(self.poll) => {}
+            }
+            if let Err(e) = self.pass(&mut coap_cursor, &mut handed).await {
+                tracing::warn!(error = %e, "downlink pass failed; retrying at the next poll");
+            }
+        }
+    }
+
+    async fn pass(
+        &mut self,
+        coap_cursor: &mut i64,
+        handed: &mut HashMap<DeviceKey, (i64, Instant)>,
+    ) -> Result<(), crate::store::StoreError> {
+        if let Some(coap) = &self.coap {
+            let since = *coap_cursor;
+            for doc in self
+                .store
+                .call(move |db| db.desired_since(since, PAGE))
+                .await?
+            {
+                *coap_cursor = doc.seq;
+                coap.desired_changed(doc);
+            }
+        }
+        if let Some(mqtt) = &self.mqtt {
+            let now = Instant::now();
+            for doc in self.store.call(|db| db.desired_unpublished(PAGE)).await? {
+                let recent = handed.get(&doc.device).is_some_and(|(seq, at)| {
+                    *seq == doc.seq && now.duration_since(*at) < REPUBLISH_AFTER
+                });
+                if recent {
+                    continue;
+                }
+                if mqtt.publish_desired(&doc).await.is_err() {
+                    return Ok(()); // MQTT task stopped: shutting down.
+                }
+                tracing::debug!(device = %doc.device, seq = doc.seq, "desired state handed to the broker");
+                handed.insert(doc.device.clone(), (doc.seq, now));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,47 @@
+//! Shared liveness: what each loop last reported, read by the watchdog and `STATUS=`.
+//!
+//! Lock-free atomics; cheap to clone.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// State of a connection to a peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkState {
+    Disabled,
+    Down,
+    Connected,
+}
+
+impl LinkState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Disabled => "disabled",
+            LinkState::Down => "down",
+            LinkState::Connected => "connected",
+        }
+    }
+
+    fn from_u8(v: u8) -> LinkState {
+        match v {
+            1 => LinkState::Down,
+            2 => LinkState::Connected,
+            _ => LinkState::Disabled,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Health {
+    mqtt: Arc<AtomicU8>,
+}
+
+impl Health {
+    pub fn set_mqtt(&self, state: LinkState) {
+        self.mqtt.store(state as u8, Ordering::Relaxed);
+    }
+
+    pub fn mqtt(&self) -> LinkState {
+        LinkState::from_u8(self.mqtt.load(Ordering::Relaxed))
+    }
+}

@@ -1,0 +1,39 @@
+//! nn-gateway: the NetNeural site gateway daemon.
+//!
+//! Local devices publish state and telemetry over MQTT and CoAP; the gateway stores each
+//! message in its SQLite mirror together with the outbox rows owed to the clouds, in one
+//! transaction, and only then acknowledges it. Desired state flows the other way.
+//!
+//! # Layout
+//!
+//! Pure (no I/O, unit- and property-tested):
+//! - [`model`]: domain types — device keys, timestamps, readings, rejections.
+//! - [`codec`]: JSON and CBOR payloads to and from JSON values; the only CBOR user.
+//! - [`ingest`]: checks every transport shares — state patches, telemetry points, RFC 7386 merge.
+//! - [`backoff`]: exponential backoff with full jitter, used by every retry loop.
+//! - [`mqtt::topics`] and [`mqtt::router`]: topic templates and PUBLISH → store write.
+//!
+//! I/O:
+//! - [`config`]: the typed configuration, from TOML and `NNGW_` environment variables.
+//! - [`store`]: the SQLite mirror — migrations, all SQL, and the store thread with group commit.
+//! - [`mqtt`]: rumqttc client of the site broker — ingest with manual acks, desired publishes.
+//! - [`coap`]: CoAP server on a UDP socket — ingest, desired resource with Observe.
+//! - [`downlink`]: carries desired-state changes from the store to MQTT and CoAP.
+//! - [`notify`]: the systemd notify protocol (READY, WATCHDOG, STATUS, STOPPING).
+//! - [`health`]: shared liveness flags read by the watchdog and the status line.
+//! - [`daemon`]: start-up, the main loop and shutdown, in that order, top to bottom.
+//! - [`cli`]: the operator commands (status, devices, rejected, desired set, check-config).
+
+pub mod backoff;
+pub mod cli;
+pub mod coap;
+pub mod codec;
+pub mod config;
+pub mod daemon;
+pub mod downlink;
+pub mod health;
+pub mod ingest;
+pub mod model;
+pub mod mqtt;
+pub mod notify;
+pub mod store;

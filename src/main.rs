@@ -1,0 +1,202 @@
+//! `nn-gateway`: parses arguments, sets up logging, loads the configuration and hands over to
+//! [`nn_gateway::daemon::run`] or an operator command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::{
+    EnvFilter, Registry, layer::SubscriberExt as _, reload, util::SubscriberInitExt as _,
+};
+
+use nn_gateway::config::{Config, LogConfig, LogFormat, Source};
+use nn_gateway::{cli, daemon, notify::Notifier};
+
+#[derive(Parser)]
+#[command(name = "nn-gateway", version, about = "NetNeural site gateway")]
+struct Args {
+    /// Configuration file (TOML). Without it the embedded default (config/gateway.toml) is used.
+    #[arg(short, long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway daemon.
+    Run,
+    /// Print the effective configuration (secrets redacted), or the first problem in it.
+    CheckConfig,
+    /// Counts: devices, telemetry, outbox per cloud and state, rejected, database size.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Each device with its reported and desired documents.
+    Devices {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The newest rejected messages and why they were refused.
+    Rejected {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Desired state (the local operator's edits).
+    Desired {
+        #[command(subcommand)]
+        action: DesiredAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DesiredAction {
+    /// Replace a device's desired document; the running daemon publishes it to the device.
+    Set { device: String, json: String },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match real_main(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nn-gateway: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn source(args: &Args) -> Source {
+    args.config.clone().map_or(Source::Embedded, Source::File)
+}
+
+fn real_main(args: Args) -> anyhow::Result<()> {
+    let source = source(&args);
+    let config = Config::load(&source)?;
+    let db = config.storage.path.clone();
+    let out = match args.command {
+        Command::Run => return run_daemon(config, source),
+        Command::CheckConfig => {
+            format!(
+                "# effective configuration from {} (+ NNGW_ environment)\n{}",
+                source.name(),
+                config.to_toml()
+            )
+        }
+        Command::Status { json } => cli::status(&db, json)?,
+        Command::Devices { json } => cli::devices(&db, json)?,
+        Command::Rejected { json, limit } => cli::rejected(&db, limit, json)?,
+        Command::Desired {
+            action: DesiredAction::Set { device, json },
+        } => cli::set_desired(&db, &device, &json)?,
+    };
+    print!("{out}");
+    Ok(())
+}
+
+type FilterHandle = reload::Handle<EnvFilter, Registry>;
+
+/// Journald when asked, or when stderr is the journal (`JOURNAL_STREAM`, set by systemd).
+fn init_tracing(log: &LogConfig) -> anyhow::Result<FilterHandle> {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&log.level))
+        .with_context(|| {
+            format!(
+                "configuration: key `log.level` = {:?} is not a valid filter",
+                log.level
+            )
+        })?;
+    let (filter, handle) = reload::Layer::new(filter);
+    let journald = match log.format {
+        LogFormat::Journald => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => std::env::var_os("JOURNAL_STREAM").is_some(),
+    };
+    let registry = tracing_subscriber::registry().with(filter);
+    if journald {
+        let layer = tracing_journald::layer()
+            .context("cannot connect to the journal (log.format = journald)")?;
+        registry.with(layer).init();
+    } else {
+        registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .init();
+    }
+    Ok(handle)
+}
+
+fn run_daemon(config: Config, source: Source) -> anyhow::Result<()> {
+    let filter = init_tracing(&config.log)?;
+    let notifier = Notifier::from_env();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let sockets = daemon::Sockets::bind(&config).await?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(signals(
+            shutdown.clone(),
+            source,
+            config.clone(),
+            filter,
+            notifier.clone(),
+        ));
+        daemon::run(config, sockets, shutdown, notifier).await?;
+        Ok(())
+    })
+}
+
+/// SIGTERM and SIGINT stop the daemon; SIGHUP re-reads the configuration, applies what can
+/// change while running (the log filter) and names the keys that need a restart.
+async fn signals(
+    shutdown: CancellationToken,
+    source: Source,
+    mut current: Config,
+    filter: FilterHandle,
+    notifier: Notifier,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the daemon with SIGKILL");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT"); break; }
+            _ = hup.recv() => {
+                notifier.reloading();
+                match Config::load(&source) {
+                    Ok(new) => {
+                        let applied = EnvFilter::try_new(&new.log.level).ok().is_some_and(|f| filter.reload(f).is_ok());
+                        if applied {
+                            tracing::info!(level = %new.log.level, "log filter reloaded");
+                        } else {
+                            tracing::warn!(level = %new.log.level, "log.level not applied: invalid filter");
+                        }
+                        let pending = current.restart_needed(&new);
+                        if pending.is_empty() {
+                            tracing::info!("configuration reloaded");
+                        } else {
+                            tracing::warn!(keys = %pending.join(", "), "configuration reloaded; these changes take effect after a restart");
+                        }
+                        current.log = new.log;
+                    }
+                    Err(e) => tracing::error!(error = %e, "configuration not reloaded; keeping the running one"),
+                }
+                notifier.ready();
+            }
+        }
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,106 @@
+//! Topic templates such as `devices/{device}/state`: checking, subscribing, matching, filling.
+//!
+//! Pure.
+
+/// A topic template with exactly one `{device}` level.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Template {
+    levels: Vec<String>,
+    device_level: usize,
+}
+
+impl Template {
+    /// # Errors
+    /// A sentence saying why the template is unusable.
+    pub fn parse(template: &str) -> Result<Template, String> {
+        if template.is_empty() {
+            return Err("topic template is empty".into());
+        }
+        if template.contains(['+', '#', '\0']) {
+            return Err("topic template must not contain MQTT wildcards (+ #) or NUL".into());
+        }
+        let levels: Vec<String> = template.split('/').map(str::to_owned).collect();
+        let positions: Vec<usize> = levels
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.contains("{device}"))
+            .map(|(i, _)| i)
+            .collect();
+        match positions.as_slice() {
+            [i] if levels[*i] == "{device}" => Ok(Template {
+                levels,
+                device_level: *i,
+            }),
+            [_] => Err("{device} must be a whole topic level, as in devices/{device}/state".into()),
+            [] => Err("topic template must contain {device}".into()),
+            _ => Err("topic template must contain {device} once".into()),
+        }
+    }
+
+    /// The subscription filter: the template with `+` for the device.
+    pub fn filter(&self) -> String {
+        self.with_device("+")
+    }
+
+    /// The topic for one device.
+    pub fn topic(&self, device: &str) -> String {
+        self.with_device(device)
+    }
+
+    /// The device level of `topic`, if the topic has this template's shape.
+    pub fn device_in<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        let mut found = None;
+        let mut parts = topic.split('/');
+        for (i, level) in self.levels.iter().enumerate() {
+            let part = parts.next()?;
+            if i == self.device_level {
+                found = Some(part);
+            } else if part != level {
+                return None;
+            }
+        }
+        if parts.next().is_some() {
+            return None;
+        }
+        found
+    }
+
+    fn with_device(&self, device: &str) -> String {
+        let mut levels = self.levels.clone();
+        levels[self.device_level] = device.to_owned();
+        levels.join("/")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_match_fill_and_subscribe() {
+        let t = Template::parse("devices/{device}/state").unwrap();
+        assert_eq!(t.filter(), "devices/+/state");
+        assert_eq!(t.topic("s1"), "devices/s1/state");
+        assert_eq!(t.device_in("devices/s1/state"), Some("s1"));
+        assert_eq!(t.device_in("devices/s1/telemetry"), None);
+        assert_eq!(t.device_in("devices/s1/state/extra"), None);
+        assert_eq!(t.device_in("devices/s1"), None);
+        assert_eq!(t.device_in("devices//state"), Some(""));
+        let first = Template::parse("{device}/up").unwrap();
+        assert_eq!(first.device_in("abc/up"), Some("abc"));
+    }
+
+    #[test]
+    fn unusable_templates_are_refused() {
+        for bad in [
+            "",
+            "devices/+/state",
+            "devices/#",
+            "devices/state",
+            "d/{device}/{device}",
+            "d/x{device}/s",
+        ] {
+            assert!(Template::parse(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+}

@@ -1,0 +1,637 @@
+//! Every SQL statement of the mirror, as methods on [`Db`], a plain rusqlite connection.
+//!
+//! Blocking. Inside the daemon a `Db` lives on the store thread ([`super::Store`]); the
+//! operator CLI opens its own `Db` on the same file (WAL lets both work at once).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
+use serde_json::Value;
+
+use super::StoreError;
+use super::views::{DesiredDoc, DeviceView, OutboxCount, RejectedView, Status};
+use crate::config::Synchronous;
+use crate::ingest::merge_patch;
+use crate::model::{
+    DeviceKey, Inbound, MqttDelivery, Origin, REJECTED_EXCERPT_LEN, Reading, Rejection, Target,
+    UnixMillis,
+};
+
+/// Migrations, in order; `PRAGMA user_version` counts how many are applied.
+const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_init.sql")];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// A redelivery is recognised only if its first delivery was stored this recently; older
+/// records may belong to an earlier message that happened to reuse the packet id.
+pub const DEDUP_WINDOW: Duration = Duration::from_secs(3600);
+
+/// How a write went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Stored; `new_device` when this message created the device.
+    Stored { new_device: bool },
+    /// A redelivery of a message already stored: acknowledged, not stored again.
+    Duplicate,
+    /// Recorded in the rejected table.
+    Rejected,
+}
+
+/// One write in a group commit.
+#[derive(Clone, Debug)]
+pub enum WriteOp {
+    Ingest(Inbound),
+    Reject(Rejection),
+}
+
+/// Options fixed when the database is opened by the daemon.
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    pub synchronous: Synchronous,
+    /// Clouds that get outbox rows.
+    pub targets: Vec<Target>,
+    pub rejected_keep: u32,
+}
+
+pub struct Db {
+    conn: Connection,
+    path: PathBuf,
+    targets: Vec<Target>,
+    rejected_keep: u32,
+    /// Random per database, prefix of telemetry idempotency keys.
+    install_id: String,
+}
+
+impl Db {
+    /// Opens (creating if needed) and migrates the database.
+    ///
+    /// # Errors
+    /// When the file cannot be opened, was written by a newer version, or a migration fails.
+    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Db, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+                path: path.to_owned(),
+                reason: format!("cannot create directory {}: {e}", dir.display()),
+            })?;
+        }
+        let conn = Connection::open(path).map_err(|e| StoreError::open(path, e))?;
+        // Check the version before any statement that writes (even journal_mode does).
+        let found = user_version(&conn).map_err(|e| StoreError::open(path, e))?;
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::NewerSchema {
+                path: path.to_owned(),
+                found,
+                known: SCHEMA_VERSION,
+            });
+        }
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(|e| StoreError::open(path, e))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(|e| StoreError::open(path, e))?;
+        let sync = match opts.synchronous {
+            Synchronous::Full => "FULL",
+            Synchronous::Normal => "NORMAL",
+        };
+        conn.pragma_update(None, "synchronous", sync)
+            .map_err(|e| StoreError::open(path, e))?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(|e| StoreError::open(path, e))?;
+        let mut db = Db {
+            conn,
+            path: path.to_owned(),
+            targets: opts.targets.clone(),
+            rejected_keep: opts.rejected_keep,
+            install_id: String::new(),
+        };
+        db.migrate(found)?;
+        db.install_id = db.meta("install_id")?.unwrap_or_default();
+        Ok(db)
+    }
+
+    /// Opens an existing database without writing to it (operator commands).
+    ///
+    /// # Errors
+    /// When the file is missing, unreadable, or of another schema version.
+    pub fn open_readonly(path: &Path) -> Result<Db, StoreError> {
+        if !path.is_file() {
+            return Err(StoreError::Open {
+                path: path.to_owned(),
+                reason: "no database here yet; start the daemon (nn-gateway run) first, or check [storage] path".into(),
+            });
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| StoreError::open(path, e))?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(|e| StoreError::open(path, e))?;
+        let found = user_version(&conn).map_err(|e| StoreError::open(path, e))?;
+        if found != SCHEMA_VERSION {
+            return Err(StoreError::Open {
+                path: path.to_owned(),
+                reason: format!(
+                    "schema version {found}, this build reads {SCHEMA_VERSION}; run the matching nn-gateway"
+                ),
+            });
+        }
+        let mut db = Db {
+            conn,
+            path: path.to_owned(),
+            targets: Vec::new(),
+            rejected_keep: 0,
+            install_id: String::new(),
+        };
+        db.install_id = db.meta("install_id")?.unwrap_or_default();
+        Ok(db)
+    }
+
+    fn migrate(&mut self, from: i64) -> Result<(), StoreError> {
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(from as usize) {
+            let version = i as i64 + 1;
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(sql)
+                .map_err(|e| StoreError::Migration { version, source: e })?;
+            if version == 1 {
+                let id = format!("{:016x}", fastrand::u64(..));
+                tx.execute(
+                    "INSERT INTO meta(key, value) VALUES ('install_id', ?1)",
+                    [id],
+                )?;
+            }
+            tx.pragma_update(None, "user_version", version)?;
+            tx.commit()?;
+            tracing::info!(path = %self.path.display(), version, "applied database migration");
+        }
+        Ok(())
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Rows left "in flight" by a crash go back to "pending" (run once at start-up).
+    pub fn requeue_in_flight(&mut self) -> Result<usize, StoreError> {
+        let now = UnixMillis::now().0;
+        Ok(self.conn.execute(
+            "UPDATE outbox SET state = 'pending', updated_at = ?1 WHERE state = 'in_flight'",
+            [now],
+        )?)
+    }
+
+    /// Applies a group of writes in one transaction.
+    ///
+    /// If the group fails as a whole, each write is retried in a transaction of its own so one
+    /// poisonous message cannot fail the others; only the writes that fail alone get an error.
+    ///
+    /// # Errors
+    /// Per write, the error that kept it from being stored.
+    pub fn apply_batch(&mut self, ops: &[WriteOp]) -> Vec<Result<Outcome, StoreError>> {
+        let together = (|| {
+            let tx = self.conn.transaction()?;
+            let outcomes = ops
+                .iter()
+                .map(|op| apply_one(&tx, op, &self.targets, &self.install_id))
+                .collect::<Result<Vec<_>, _>>()?;
+            trim_rejected(&tx, ops, self.rejected_keep)?;
+            tx.commit()?;
+            Ok::<_, rusqlite::Error>(outcomes)
+        })();
+        match together {
+            Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
+            Err(e) if ops.len() == 1 => vec![Err(e.into())],
+            Err(e) => {
+                tracing::warn!(error = %e, writes = ops.len(), "group commit failed; retrying writes one by one");
+                ops.iter()
+                    .map(|op| self.apply_batch(std::slice::from_ref(op)).remove(0))
+                    .collect()
+            }
+        }
+    }
+
+    /// Replaces a device's desired document (the local operator's edit, or a merged cloud
+    /// value), creating the device if it is new. Returns the stored document.
+    pub fn set_desired(
+        &mut self,
+        device: &DeviceKey,
+        doc: &Value,
+        by: Origin,
+    ) -> Result<DesiredDoc, StoreError> {
+        let now = UnixMillis::now().0;
+        let tx = self.conn.transaction()?;
+        let (device_id, _) = upsert_device(&tx, device, by, now, false)?;
+        let seq: i64 = tx.query_row(
+            "SELECT coalesce(max(seq), 0) + 1 FROM desired_state",
+            [],
+            |r| r.get(0),
+        )?;
+        let text = doc.to_string();
+        tx.execute(
+            "INSERT INTO desired_state(device_id, doc, version, seq, updated_at, updated_by)
+             VALUES (?1, ?2, 1, ?3, ?4, ?5)
+             ON CONFLICT(device_id) DO UPDATE SET doc = excluded.doc, version = version + 1,
+                 seq = excluded.seq, updated_at = excluded.updated_at, updated_by = excluded.updated_by",
+            params![device_id, text, seq, now, by.as_str()],
+        )?;
+        let version: i64 = tx.query_row(
+            "SELECT version FROM desired_state WHERE device_id = ?1",
+            [device_id],
+            |r| r.get(0),
+        )?;
+        tx.commit()?;
+        Ok(DesiredDoc {
+            device: device.clone(),
+            doc: doc.clone(),
+            version,
+            seq,
+        })
+    }
+
+    /// A device's desired document, if it has one.
+    pub fn desired(&self, device: &DeviceKey) -> Result<Option<DesiredDoc>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT d.doc, d.version, d.seq FROM desired_state d JOIN device v ON v.id = d.device_id
+                 WHERE v.key = ?1",
+                [device.as_str()],
+                |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?
+            .map(|(doc, version, seq)| desired_doc(device.as_str(), &doc, version, seq))
+            .transpose()
+    }
+
+    /// Desired documents changed after `seq`, oldest change first.
+    pub fn desired_since(&self, seq: i64, limit: usize) -> Result<Vec<DesiredDoc>, StoreError> {
+        self.desired_where("d.seq > ?1", seq, limit)
+    }
+
+    /// Desired documents whose newest change the broker has not acknowledged.
+    pub fn desired_unpublished(&self, limit: usize) -> Result<Vec<DesiredDoc>, StoreError> {
+        self.desired_where("d.published_seq < d.seq AND ?1 = ?1", 0, limit)
+    }
+
+    fn desired_where(
+        &self,
+        cond: &str,
+        arg: i64,
+        limit: usize,
+    ) -> Result<Vec<DesiredDoc>, StoreError> {
+        let sql = format!(
+            "SELECT v.key, d.doc, d.version, d.seq FROM desired_state d JOIN device v ON v.id = d.device_id
+             WHERE {cond} ORDER BY d.seq LIMIT ?2"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(params![arg, limit as i64], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get(2)?,
+                r.get(3)?,
+            ))
+        })?;
+        rows.map(|row| {
+            let (key, doc, version, seq) = row?;
+            desired_doc(&key, &doc, version, seq)
+        })
+        .collect()
+    }
+
+    /// Records that the broker acknowledged the desired document with this `seq`.
+    pub fn mark_desired_published(
+        &mut self,
+        device: &DeviceKey,
+        seq: i64,
+    ) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE desired_state SET published_seq = max(published_seq, ?2)
+             WHERE device_id = (SELECT id FROM device WHERE key = ?1)",
+            params![device.as_str(), seq],
+        )?;
+        Ok(())
+    }
+
+    pub fn status(&self) -> Result<Status, StoreError> {
+        let c = &self.conn;
+        let count = |sql: &str| c.query_row(sql, [], |r| r.get::<_, i64>(0));
+        let mut stmt = c.prepare(
+            "SELECT target, state, count(*) FROM outbox GROUP BY target, state ORDER BY target, state",
+        )?;
+        let outbox = stmt
+            .query_map([], |r| {
+                Ok(OutboxCount {
+                    target: r.get(0)?,
+                    state: r.get(1)?,
+                    rows: r.get(2)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        let file_size = |p: PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let mut wal = self.path.as_os_str().to_owned();
+        wal.push("-wal");
+        Ok(Status {
+            path: self.path.clone(),
+            schema_version: SCHEMA_VERSION,
+            devices: count("SELECT count(*) FROM device WHERE deleted_at IS NULL")?,
+            telemetry_points: count("SELECT count(*) FROM telemetry")?,
+            reported_states: count("SELECT count(*) FROM reported_state")?,
+            desired_unpublished: count(
+                "SELECT count(*) FROM desired_state WHERE published_seq < seq",
+            )?,
+            outbox,
+            rejected_total: self
+                .meta("rejected_total")?
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            rejected_kept: count("SELECT count(*) FROM rejected")?,
+            conflicts_pending: count("SELECT count(*) FROM conflict WHERE status = 'pending'")?,
+            db_bytes: file_size(self.path.clone()),
+            wal_bytes: file_size(PathBuf::from(wal)),
+        })
+    }
+
+    pub fn devices(&self) -> Result<Vec<DeviceView>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT v.key, v.origin, v.first_seen, v.last_seen, r.doc, r.version, d.doc, d.version,
+                    (SELECT count(*) FROM telemetry t WHERE t.device_id = v.id)
+             FROM device v
+             LEFT JOIN reported_state r ON r.device_id = v.id
+             LEFT JOIN desired_state d ON d.device_id = v.id
+             WHERE v.deleted_at IS NULL ORDER BY v.key",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(DeviceView {
+                key: r.get(0)?,
+                origin: r.get(1)?,
+                first_seen: UnixMillis(r.get(2)?),
+                last_seen: r.get::<_, Option<i64>>(3)?.map(UnixMillis),
+                reported: r.get::<_, Option<String>>(4)?.map(|s| parse_doc(&s)),
+                reported_version: r.get(5)?,
+                desired: r.get::<_, Option<String>>(6)?.map(|s| parse_doc(&s)),
+                desired_version: r.get(7)?,
+                telemetry_points: r.get(8)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// The newest rejected messages, newest first.
+    pub fn rejected(&self, limit: usize) -> Result<Vec<RejectedView>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT received_at, origin, device, locator, reason, size, excerpt FROM rejected
+             ORDER BY id DESC LIMIT ?1",
+        )?;
+        let rows = stmt.query_map([limit as i64], |r| {
+            Ok(RejectedView {
+                received_at: UnixMillis(r.get(0)?),
+                origin: r.get(1)?,
+                device: r.get(2)?,
+                locator: r.get(3)?,
+                reason: r.get(4)?,
+                size: r.get(5)?,
+                excerpt: String::from_utf8_lossy(&r.get::<_, Vec<u8>>(6)?).into_owned(),
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// A device's telemetry payloads in arrival order (for tests and diagnostics).
+    pub fn telemetry_payloads(&self, device: &DeviceKey) -> Result<Vec<Value>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT t.payload FROM telemetry t JOIN device v ON v.id = t.device_id
+             WHERE v.key = ?1 ORDER BY t.id",
+        )?;
+        let rows = stmt.query_map([device.as_str()], |r| r.get::<_, String>(0))?;
+        rows.map(|r| Ok(parse_doc(&r?))).collect()
+    }
+
+    /// A cheap query proving the connection works (watchdog).
+    pub fn ping(&self) -> Result<(), StoreError> {
+        self.conn
+            .query_row("SELECT count(*) FROM meta", [], |_| Ok(()))?;
+        Ok(())
+    }
+
+    /// Folds the WAL back into the main file; used at clean shutdown.
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        self.conn
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;
+        Ok(())
+    }
+}
+
+fn user_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("PRAGMA user_version", [], |r| r.get(0))
+}
+
+fn parse_doc(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or(Value::String(text.to_owned()))
+}
+
+fn desired_doc(key: &str, doc: &str, version: i64, seq: i64) -> Result<DesiredDoc, StoreError> {
+    let device = DeviceKey::parse(key).map_err(StoreError::Corrupt)?;
+    Ok(DesiredDoc {
+        device,
+        doc: parse_doc(doc),
+        version,
+        seq,
+    })
+}
+
+/// Finds or creates the device; `seen` also bumps `last_seen`. Returns (id, created).
+fn upsert_device(
+    tx: &Transaction<'_>,
+    device: &DeviceKey,
+    origin: Origin,
+    now: i64,
+    seen: bool,
+) -> rusqlite::Result<(i64, bool)> {
+    let existing: Option<i64> = tx
+        .prepare_cached("SELECT id FROM device WHERE key = ?1")?
+        .query_row([device.as_str()], |r| r.get(0))
+        .optional()?;
+    if let Some(id) = existing {
+        if seen {
+            tx.prepare_cached("UPDATE device SET last_seen = ?2, deleted_at = NULL WHERE id = ?1")?
+                .execute(params![id, now])?;
+        }
+        return Ok((id, false));
+    }
+    tx.prepare_cached(
+        "INSERT INTO device(key, origin, first_seen, last_seen) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![
+        device.as_str(),
+        origin.as_str(),
+        now,
+        seen.then_some(now)
+    ])?;
+    Ok((tx.last_insert_rowid(), true))
+}
+
+/// True when this delivery is the broker resending a message already stored. Records the
+/// delivery either way.
+fn is_redelivery(tx: &Transaction<'_>, d: &MqttDelivery, now: i64) -> rusqlite::Result<bool> {
+    // The digest is stored as the i64 with the same bits.
+    let digest = d.digest as i64;
+    let seen = if d.dup {
+        let since = now - DEDUP_WINDOW.as_millis() as i64;
+        tx.prepare_cached(
+            "SELECT 1 FROM mqtt_inbound WHERE pkid = ?1 AND digest = ?2 AND received_at >= ?3",
+        )?
+        .query_row(params![d.pkid, digest, since], |_| Ok(()))
+        .optional()?
+        .is_some()
+    } else {
+        false
+    };
+    if !seen {
+        tx.prepare_cached(
+            "INSERT INTO mqtt_inbound(pkid, digest, received_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT(pkid) DO UPDATE SET digest = excluded.digest, received_at = excluded.received_at",
+        )?
+        .execute(params![d.pkid, digest, now])?;
+    }
+    Ok(seen)
+}
+
+fn apply_one(
+    tx: &Transaction<'_>,
+    op: &WriteOp,
+    targets: &[Target],
+    install_id: &str,
+) -> rusqlite::Result<Outcome> {
+    match op {
+        WriteOp::Ingest(msg) => {
+            if let Some(d) = &msg.mqtt
+                && is_redelivery(tx, d, msg.received_at.0)?
+            {
+                return Ok(Outcome::Duplicate);
+            }
+            ingest(tx, msg, targets, install_id)
+        }
+        WriteOp::Reject(rej) => {
+            if let Some(d) = &rej.mqtt
+                && is_redelivery(tx, d, rej.received_at.0)?
+            {
+                return Ok(Outcome::Duplicate);
+            }
+            let excerpt = &rej.excerpt[..rej.excerpt.len().min(REJECTED_EXCERPT_LEN)];
+            tx.prepare_cached(
+                "INSERT INTO rejected(received_at, origin, device, locator, reason, size, excerpt)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                rej.received_at.0,
+                rej.origin.as_str(),
+                rej.device,
+                rej.locator,
+                rej.reason,
+                rej.size as i64,
+                excerpt
+            ])?;
+            tx.prepare_cached(
+                "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'rejected_total'",
+            )?
+            .execute([])?;
+            Ok(Outcome::Rejected)
+        }
+    }
+}
+
+fn ingest(
+    tx: &Transaction<'_>,
+    msg: &Inbound,
+    targets: &[Target],
+    install_id: &str,
+) -> rusqlite::Result<Outcome> {
+    let now = msg.received_at.0;
+    let (device_id, new_device) = upsert_device(tx, &msg.device, msg.origin, now, true)?;
+    match &msg.reading {
+        Reading::State(patch) => {
+            let current: Option<(String, i64)> = tx
+                .prepare_cached("SELECT doc, version FROM reported_state WHERE device_id = ?1")?
+                .query_row([device_id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            let (mut doc, version) = match current {
+                Some((text, v)) => (parse_doc(&text), v + 1),
+                None => (Value::Object(Default::default()), 1),
+            };
+            merge_patch(&mut doc, &Value::Object(patch.clone()));
+            let text = doc.to_string();
+            tx.prepare_cached(
+                "INSERT INTO reported_state(device_id, doc, version, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(device_id) DO UPDATE SET doc = excluded.doc, version = excluded.version,
+                     updated_at = excluded.updated_at",
+            )?
+            .execute(params![device_id, text, version, now])?;
+            for target in targets {
+                // Coalesce: a pending row for this device and cloud takes the newest document.
+                tx.prepare_cached(
+                    "INSERT INTO outbox(target, operation, device_id, payload, idempotency_key,
+                                        next_attempt_at, created_at, updated_at)
+                     VALUES (?1, 'reported_state', ?2, ?3, ?4, ?5, ?5, ?5)
+                     ON CONFLICT(target, device_id) WHERE state = 'pending' AND operation = 'reported_state'
+                     DO UPDATE SET payload = excluded.payload, idempotency_key = excluded.idempotency_key,
+                                   updated_at = excluded.updated_at",
+                )?
+                .execute(params![
+                    target.as_str(),
+                    device_id,
+                    text,
+                    format!("st:{install_id}:{device_id}:{version}:{}", target.as_str()),
+                    now
+                ])?;
+            }
+        }
+        Reading::Telemetry(points) => {
+            for point in points {
+                tx.prepare_cached(
+                    "INSERT INTO telemetry(device_id, device_ts, received_at, payload, content_type)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![
+                    device_id,
+                    point.device_ts.map(|t| t.0),
+                    now,
+                    Value::Object(point.data.clone()).to_string(),
+                    msg.format.content_type()
+                ])?;
+                let telemetry_id = tx.last_insert_rowid();
+                for target in targets.iter().filter(|t| t.takes_telemetry()) {
+                    tx.prepare_cached(
+                        "INSERT INTO outbox(target, operation, device_id, telemetry_id, idempotency_key,
+                                            next_attempt_at, created_at, updated_at)
+                         VALUES (?1, 'telemetry', ?2, ?3, ?4, ?5, ?5, ?5)",
+                    )?
+                    .execute(params![
+                        target.as_str(),
+                        device_id,
+                        telemetry_id,
+                        format!("tm:{install_id}:{telemetry_id}"),
+                        now
+                    ])?;
+                }
+            }
+        }
+    }
+    Ok(Outcome::Stored { new_device })
+}
+
+/// Keeps the rejected table to its configured size; runs once per group commit.
+fn trim_rejected(tx: &Transaction<'_>, ops: &[WriteOp], keep: u32) -> rusqlite::Result<()> {
+    if ops.iter().any(|op| matches!(op, WriteOp::Reject(_))) {
+        tx.prepare_cached("DELETE FROM rejected WHERE id <= (SELECT max(id) FROM rejected) - ?1")?
+            .execute([i64::from(keep)])?;
+    }
+    Ok(())
+}

@@ -1,0 +1,247 @@
+//! The SQLite mirror: schema, SQL, and the thread that owns the daemon's connection.
+//!
+//! All SQL lives in [`db`]; migrations sit beside it in `migrations/` as numbered files.
+//! rusqlite blocks, so inside the daemon one dedicated thread owns the connection and the
+//! async side talks to it through [`Store`], a cheap cloneable handle over a bounded channel.
+//!
+//! **Group commit.** Ingest writes queue up while a transaction commits; the thread then takes
+//! everything waiting (up to [`MAX_BATCH`]) into the next transaction and answers each write
+//! only after that commit. Callers acknowledge a message to its device only after their answer
+//! arrives, so a crash at any instant loses nothing that was acknowledged, and one fsync
+//! covers a whole batch.
+
+pub mod db;
+pub mod views;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+
+use tokio::sync::{mpsc, oneshot};
+
+pub use db::{DEDUP_WINDOW, Db, OpenOptions, Outcome, SCHEMA_VERSION, WriteOp};
+pub use views::{DesiredDoc, DeviceView, RejectedView, Status};
+
+/// Most writes committed in one transaction. Large enough that one fsync (with
+/// `synchronous = full`) is spread over many messages, small enough that a batch commits in
+/// milliseconds and the first message in it is not kept waiting.
+pub const MAX_BATCH: usize = 1000;
+
+/// Capacity of the channel to the store thread. Senders wait when it is full, which is the
+/// back-pressure that slows MQTT reads and makes CoAP answer 5.03.
+pub const QUEUE_DEPTH: usize = 4 * MAX_BATCH;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open database {path}: {reason}")]
+    Open { path: PathBuf, reason: String },
+    #[error(
+        "database {path} has schema version {found}, newer than this build knows ({known}); \
+         it was written by a newer nn-gateway and is left untouched: run that version or restore a backup"
+    )]
+    NewerSchema {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
+    #[error("database migration {version} failed: {source}")]
+    Migration {
+        version: i64,
+        source: rusqlite::Error,
+    },
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("database content is not what this build expects: {0}")]
+    Corrupt(String),
+    #[error("the store is closed")]
+    Closed,
+}
+
+impl StoreError {
+    fn open(path: &std::path::Path, e: rusqlite::Error) -> StoreError {
+        StoreError::Open {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        }
+    }
+
+    /// The disk (or the database's size limit) is full: the write can succeed later.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _))
+            if e.code == rusqlite::ErrorCode::DiskFull)
+    }
+}
+
+type Call = Box<dyn FnOnce(&mut Db) + Send>;
+
+enum Job {
+    Write(WriteOp, oneshot::Sender<Result<Outcome, StoreError>>),
+    Call(Call),
+    Close(oneshot::Sender<()>),
+}
+
+/// Handle to the store thread. Clone it freely.
+#[derive(Clone)]
+pub struct Store {
+    jobs: mpsc::Sender<Job>,
+    healthy: Arc<AtomicBool>,
+}
+
+/// A write handed to the store, not yet answered.
+pub struct PendingWrite(oneshot::Receiver<Result<Outcome, StoreError>>);
+
+impl PendingWrite {
+    /// Waits for the commit that holds this write.
+    ///
+    /// # Cancel safety
+    /// Dropping it does not undo the write; only the answer is lost.
+    pub async fn committed(self) -> Result<Outcome, StoreError> {
+        self.0.await.unwrap_or(Err(StoreError::Closed))
+    }
+}
+
+impl Store {
+    /// Opens the database (blocking: migrations run here) and starts the store thread.
+    ///
+    /// # Errors
+    /// See [`Db::open`].
+    pub fn open(path: &std::path::Path, opts: &OpenOptions) -> Result<Store, StoreError> {
+        let mut db = Db::open(path, opts)?;
+        let requeued = db.requeue_in_flight()?;
+        if requeued > 0 {
+            tracing::info!(
+                rows = requeued,
+                "outbox rows left in flight by the last run are pending again"
+            );
+        }
+        let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
+        let healthy = Arc::new(AtomicBool::new(true));
+        let flag = healthy.clone();
+        thread::Builder::new()
+            .name("store".into())
+            .spawn(move || run(db, rx, flag))
+            .map_err(|e| StoreError::Open {
+                path: path.to_owned(),
+                reason: format!("cannot start store thread: {e}"),
+            })?;
+        Ok(Store { jobs, healthy })
+    }
+
+    /// Queues a write and returns at once; await [`PendingWrite::committed`] for the answer.
+    /// Writes are applied in the order they are queued.
+    ///
+    /// # Errors
+    /// [`StoreError::Closed`] after [`Store::close`].
+    ///
+    /// # Cancel safety
+    /// If cancelled while waiting for queue space, the write was not queued.
+    pub async fn enqueue(&self, op: WriteOp) -> Result<PendingWrite, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Write(op, tx))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        Ok(PendingWrite(rx))
+    }
+
+    /// Queues a write and waits for its commit.
+    pub async fn write(&self, op: WriteOp) -> Result<Outcome, StoreError> {
+        self.enqueue(op).await?.committed().await
+    }
+
+    /// Runs `f` on the store thread, after every write queued before it.
+    ///
+    /// # Errors
+    /// Whatever `f` returns, or [`StoreError::Closed`].
+    pub async fn call<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Db) -> Result<R, StoreError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Call = Box::new(move |db| {
+            let _ = tx.send(f(db));
+        });
+        self.jobs
+            .send(Job::Call(job))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// False once a commit has failed and no later one has succeeded.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Finishes every queued job, checkpoints the WAL and closes the connection.
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.jobs.send(Job::Close(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+fn run(mut db: Db, mut rx: mpsc::Receiver<Job>, healthy: Arc<AtomicBool>) {
+    let mut batch: Vec<(WriteOp, oneshot::Sender<Result<Outcome, StoreError>>)> = Vec::new();
+    let mut deferred: Option<Job> = None;
+    loop {
+        let job = match deferred.take() {
+            Some(job) => job,
+            None => match rx.blocking_recv() {
+                Some(job) => job,
+                None => break,
+            },
+        };
+        match job {
+            Job::Write(op, reply) => {
+                batch.push((op, reply));
+                // Take whatever else is already waiting, up to the batch limit.
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(Job::Write(op, reply)) => batch.push((op, reply)),
+                        Ok(other) => {
+                            deferred = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let (ops, replies): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
+                let results = db.apply_batch(&ops);
+                let ok = results.iter().all(Result::is_ok);
+                healthy.store(ok, Ordering::Relaxed);
+                for (reply, result) in replies.into_iter().zip(results) {
+                    if let Err(e) = &result {
+                        tracing::error!(error = %e, "write not stored");
+                    }
+                    let _ = reply.send(result);
+                }
+            }
+            Job::Call(f) => f(&mut db),
+            Job::Close(done) => {
+                rx.close();
+                // Serve what was queued before the close, then stop.
+                while let Ok(job) = rx.try_recv() {
+                    match job {
+                        Job::Write(op, reply) => {
+                            let _ = reply.send(db.apply_batch(std::slice::from_ref(&op)).remove(0));
+                        }
+                        Job::Call(f) => f(&mut db),
+                        Job::Close(other) => {
+                            let _ = other.send(());
+                        }
+                    }
+                }
+                if let Err(e) = db.checkpoint() {
+                    tracing::warn!(error = %e, "WAL checkpoint at close failed; SQLite will recover it at next open");
+                }
+                drop(db);
+                let _ = done.send(());
+                return;
+            }
+        }
+    }
+}

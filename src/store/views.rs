@@ -1,0 +1,94 @@
+//! What the store hands out: plain data for the daemon, the CLI and `--json` output.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::model::{DeviceKey, UnixMillis};
+
+/// A device's desired document and its change counters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DesiredDoc {
+    pub device: DeviceKey,
+    pub doc: Value,
+    /// Counts changes of this device's document.
+    pub version: i64,
+    /// Global change counter: orders changes across devices.
+    pub seq: i64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct OutboxCount {
+    pub target: String,
+    pub state: String,
+    pub rows: i64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    pub path: PathBuf,
+    pub schema_version: i64,
+    pub devices: i64,
+    pub telemetry_points: i64,
+    pub reported_states: i64,
+    pub desired_unpublished: i64,
+    pub outbox: Vec<OutboxCount>,
+    /// Every message rejected since the database was created.
+    pub rejected_total: i64,
+    /// How many of those are still kept for inspection.
+    pub rejected_kept: i64,
+    pub conflicts_pending: i64,
+    pub db_bytes: u64,
+    pub wal_bytes: u64,
+}
+
+impl Status {
+    /// Pending outbox rows, all clouds together.
+    pub fn outbox_pending(&self) -> i64 {
+        self.outbox
+            .iter()
+            .filter(|c| c.state == "pending")
+            .map(|c| c.rows)
+            .sum()
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DeviceView {
+    pub key: String,
+    pub origin: String,
+    #[serde(serialize_with = "rfc3339")]
+    pub first_seen: UnixMillis,
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub last_seen: Option<UnixMillis>,
+    pub reported: Option<Value>,
+    pub reported_version: Option<i64>,
+    pub desired: Option<Value>,
+    pub desired_version: Option<i64>,
+    pub telemetry_points: i64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RejectedView {
+    #[serde(serialize_with = "rfc3339")]
+    pub received_at: UnixMillis,
+    pub origin: String,
+    pub device: Option<String>,
+    pub locator: String,
+    pub reason: String,
+    pub size: i64,
+    /// The first bytes of the payload, lossily decoded as UTF-8.
+    pub excerpt: String,
+}
+
+fn rfc3339<S: serde::Serializer>(t: &UnixMillis, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&t.to_rfc3339())
+}
+
+fn rfc3339_opt<S: serde::Serializer>(t: &Option<UnixMillis>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => s.serialize_str(&t.to_rfc3339()),
+        None => s.serialize_none(),
+    }
+}
