@@ -1,0 +1,206 @@
+//! Shared test rig: a real Mosquitto on a free port, an in-process gateway on port 0, and
+//! helpers that watch the real SQLite file. Nothing here fakes a peer.
+#![allow(dead_code)] // Each test binary uses a different part of the rig.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nn_gateway::config::{Config, Source, Synchronous};
+use nn_gateway::daemon::{self, Sockets};
+use nn_gateway::notify::Notifier;
+use nn_gateway::store::Db;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A free TCP port on loopback (bound, then released for the broker to take).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A Mosquitto broker for one test, killed on drop.
+pub struct Mosquitto {
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    /// Starts mosquitto with limits raised: its defaults (`max_queued_messages 1000`,
+    /// `max_inflight_messages 20`) silently drop messages for a subscriber that is behind or
+    /// offline.
+    pub fn start() -> Mosquitto {
+        let dir = tempfile::tempdir().unwrap();
+        for _ in 0..5 {
+            let port = free_port();
+            let conf = dir.path().join("mosquitto.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                     max_queued_messages 1000000\nmax_inflight_messages 1000\nlog_dest stderr\nlog_type error\n"
+                ),
+            )
+            .unwrap();
+            let mut child = Command::new("mosquitto")
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("mosquitto must be installed (apt-get install mosquitto); .ci/run installs it");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Mosquitto { port, child, _dir: dir };
+                }
+                if child.try_wait().unwrap().is_some() {
+                    break; // Port taken meanwhile: try another.
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("mosquitto did not start");
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The embedded default configuration pointed at a test broker and a temporary database,
+/// with CoAP on an ephemeral port.
+pub fn config(dir: &Path, broker_port: u16, client_id: &str) -> Config {
+    let mut cfg = Config::load_with(&Source::Embedded, &[], None).unwrap();
+    cfg.storage.path = dir.join("gateway.db");
+    cfg.storage.synchronous = Synchronous::Normal;
+    cfg.mqtt.port = broker_port;
+    cfg.mqtt.client_id = client_id.to_owned();
+    cfg.mqtt.reconnect_min = Duration::from_millis(50);
+    cfg.mqtt.reconnect_max = Duration::from_millis(500);
+    cfg.coap.bind = "127.0.0.1:0".parse().unwrap();
+    cfg.gateway.downlink_poll = Duration::from_millis(100);
+    cfg
+}
+
+/// A gateway running in this process.
+pub struct Gateway {
+    pub shutdown: CancellationToken,
+    pub coap_port: u16,
+    pub db: PathBuf,
+    task: JoinHandle<Result<(), daemon::DaemonError>>,
+}
+
+impl Gateway {
+    pub async fn start(cfg: Config) -> Gateway {
+        Gateway::start_with(cfg, Notifier::disabled()).await
+    }
+
+    pub async fn start_with(cfg: Config, notifier: Notifier) -> Gateway {
+        let sockets = Sockets::bind(&cfg).await.unwrap();
+        let coap_port = sockets.coap.as_ref().map_or(0, |s| s.local_addr().unwrap().port());
+        let shutdown = CancellationToken::new();
+        let db = cfg.storage.path.clone();
+        let task = tokio::spawn(daemon::run(cfg, sockets, shutdown.clone(), notifier));
+        Gateway { shutdown, coap_port, db, task }
+    }
+
+    /// Fires shutdown and waits for the daemon to return.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("daemon did not stop in time")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// Polls `check` against a read-only connection to the database until it returns `Some`.
+pub async fn wait_for<T>(db: &Path, timeout: Duration, mut check: impl FnMut(&Db) -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(conn) = Db::open_readonly(db)
+            && let Some(v) = check(&conn)
+        {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "condition not met within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An MQTT client standing in for devices, driven on its own task.
+pub struct Device {
+    pub client: AsyncClient,
+    pub events: tokio::sync::mpsc::UnboundedReceiver<rumqttc::Publish>,
+    connected: tokio::sync::watch::Receiver<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Device {
+    pub async fn connect(port: u16, id: &str) -> Device {
+        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(30)).set_inflight(200).set_max_packet_size(1 << 22, 1 << 22);
+        let (client, mut eventloop) = AsyncClient::new(opts, 1000);
+        let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let (up_tx, mut connected) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = up_tx.send(true);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let _ = tx.send(p);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(5), connected.wait_for(|up| *up)).await.unwrap().unwrap();
+        Device { client, events, connected, task }
+    }
+
+    pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client.publish(topic, QoS::AtLeastOnce, false, payload).await.unwrap();
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// CBOR encoding of a JSON value, as a device would send it.
+pub fn cbor(v: &serde_json::Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::into_writer(v, &mut out).unwrap();
+    out
+}
+
+/// Publishes a probe state until the gateway has stored one, proving its subscription is in
+/// place (messages published before the broker knows of the subscription go nowhere). Leaves a
+/// device named `probe` behind.
+pub async fn wait_subscribed(dev: &Device, db: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        dev.publish("devices/probe/state", br#"{"probe":true}"#.to_vec()).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Ok(conn) = Db::open_readonly(db)
+            && conn.devices().is_ok_and(|d| d.iter().any(|d| d.key == "probe"))
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "gateway never subscribed");
+    }
+}
