@@ -339,7 +339,10 @@ async fn acker(
 ) {
     while let Some((publish, pending)) = rx.recv().await {
         match pending.committed().await {
-            Ok(_) => {
+            Ok(outcome) => {
+                if outcome == crate::store::Outcome::Duplicate {
+                    tracing::debug!(topic = %publish.topic, pkid = publish.pkid, "redelivery of a stored message; acknowledged again");
+                }
                 if client.ack(&publish).await.is_err() {
                     break;
                 }
