@@ -1,0 +1,113 @@
+//! Ingest benchmark: JSON telemetry messages per second committed end to end through a real
+//! Mosquitto into the SQLite mirror.
+//!
+//! Run: `cargo bench --bench ingest` (release profile). Optional: `INGEST_MESSAGES`,
+//! `INGEST_RUNS`, `INGEST_SYNC` (`full`, the default config, or `normal`).
+//!
+//! Each run starts a fresh broker and database, starts the gateway in process, publishes
+//! `INGEST_MESSAGES` QoS 1 messages from 10 devices, and stops the clock when the last one is
+//! committed (the gateway acknowledges only after commit). It then checks every device's points
+//! are all there, in order. The median over runs is printed.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use nn_gateway::config::Synchronous;
+use nn_gateway::model::DeviceKey;
+use nn_gateway::store::Db;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use support::{Device, Gateway, Mosquitto, config, wait_subscribed};
+
+const DEVICES: u64 = 10;
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+async fn one_run(messages: u64, sync: Synchronous) -> f64 {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), broker.port, "gw-bench");
+    cfg.storage.synchronous = sync;
+    let gw = Gateway::start(cfg).await;
+    let probe = Device::connect(broker.port, "probe").await;
+    wait_subscribed(&probe, &gw.db).await;
+
+    let mut opts = MqttOptions::new("bench-devices", "127.0.0.1", broker.port);
+    opts.set_inflight(1000);
+    let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
+    // The devices' connection; aborted at the end of the run.
+    let driver = tokio::spawn(async move {
+        loop {
+            if eventloop.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    });
+    let payloads: Vec<(String, String)> = (0..messages)
+        .map(|i| {
+            (
+                format!("devices/bench-{}/telemetry", i % DEVICES),
+                format!(r#"{{"n":{i},"temp":21.5,"humidity":40.2,"battery":3.61}}"#),
+            )
+        })
+        .collect();
+
+    let started = Instant::now();
+    tokio::spawn(async move {
+        for (topic, payload) in payloads {
+            client.publish(topic, QoS::AtLeastOnce, false, payload).await.unwrap();
+        }
+        client
+    });
+    let db = gw.db.clone();
+    let conn = loop {
+        if let Ok(c) = Db::open_readonly(&db) {
+            break c;
+        }
+    };
+    loop {
+        let stored: i64 = conn.status().map(|s| s.telemetry_points).unwrap_or(0);
+        if stored as u64 >= messages {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let elapsed = started.elapsed();
+    driver.abort();
+
+    for d in 0..DEVICES {
+        let key = DeviceKey::parse(&format!("bench-{d}")).unwrap();
+        let got: Vec<u64> = conn.telemetry_payloads(&key).unwrap().iter().map(|p| p["n"].as_u64().unwrap()).collect();
+        let want: Vec<u64> = (0..messages).filter(|i| i % DEVICES == d).collect();
+        assert!(got == want, "bench-{d}: points missing, duplicated or out of order");
+    }
+    gw.stop().await;
+    messages as f64 / elapsed.as_secs_f64()
+}
+
+fn main() {
+    let messages: u64 = env_or("INGEST_MESSAGES", 100_000);
+    let runs: usize = env_or("INGEST_RUNS", 5);
+    let sync = match std::env::var("INGEST_SYNC").as_deref() {
+        Ok("normal") => Synchronous::Normal,
+        _ => Synchronous::Full,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let mut rates: Vec<f64> = (0..runs)
+        .map(|run| {
+            let rate = rt.block_on(one_run(messages, sync));
+            println!("run {}: {messages} messages, {rate:.0} msg/s", run + 1);
+            rate
+        })
+        .collect();
+    rates.sort_by(f64::total_cmp);
+    println!(
+        "ingest (JSON telemetry, MQTT QoS 1 -> SQLite, synchronous={sync:?}): median {:.0} msg/s, min {:.0}, max {:.0} over {runs} runs",
+        rates[runs / 2],
+        rates[0],
+        rates[runs - 1]
+    );
+}
