@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use nn_gateway::config::Synchronous;
 use nn_gateway::model::DeviceKey;
 use nn_gateway::store::Db;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, MqttOptions, QoS};
 use support::{Device, Gateway, Mosquitto, config, wait_subscribed};
 
 const DEVICES: u64 = 10;
