@@ -23,7 +23,10 @@ use support::{Device, Gateway, Mosquitto, config, wait_subscribed};
 const DEVICES: u64 = 10;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 async fn one_run(messages: u64, sync: Synchronous) -> f64 {
@@ -58,7 +61,10 @@ async fn one_run(messages: u64, sync: Synchronous) -> f64 {
     let started = Instant::now();
     tokio::spawn(async move {
         for (topic, payload) in payloads {
-            client.publish(topic, QoS::AtLeastOnce, false, payload).await.unwrap();
+            client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await
+                .unwrap();
         }
         client
     });
@@ -80,9 +86,17 @@ async fn one_run(messages: u64, sync: Synchronous) -> f64 {
 
     for d in 0..DEVICES {
         let key = DeviceKey::parse(&format!("bench-{d}")).unwrap();
-        let got: Vec<u64> = conn.telemetry_payloads(&key).unwrap().iter().map(|p| p["n"].as_u64().unwrap()).collect();
+        let got: Vec<u64> = conn
+            .telemetry_payloads(&key)
+            .unwrap()
+            .iter()
+            .map(|p| p["n"].as_u64().unwrap())
+            .collect();
         let want: Vec<u64> = (0..messages).filter(|i| i % DEVICES == d).collect();
-        assert!(got == want, "bench-{d}: points missing, duplicated or out of order");
+        assert!(
+            got == want,
+            "bench-{d}: points missing, duplicated or out of order"
+        );
     }
     gw.stop().await;
     messages as f64 / elapsed.as_secs_f64()
@@ -95,7 +109,10 @@ fn main() {
         Ok("normal") => Synchronous::Normal,
         _ => Synchronous::Full,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let mut rates: Vec<f64> = (0..runs)
         .map(|run| {
             let rate = rt.block_on(one_run(messages, sync));

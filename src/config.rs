@@ -210,7 +210,7 @@ impl Default for GoliothConfig {
     }
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NetNeuralConfig {
     pub enabled: bool,
@@ -221,18 +221,6 @@ pub struct NetNeuralConfig {
     pub api_key_file: Option<PathBuf>,
     #[serde(skip_deserializing)]
     pub api_key: Option<Secret>,
-}
-
-impl Default for NetNeuralConfig {
-    fn default() -> Self {
-        NetNeuralConfig {
-            enabled: false,
-            url: String::new(),
-            organization_id: String::new(),
-            api_key_file: None,
-            api_key: None,
-        }
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]

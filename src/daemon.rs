@@ -114,12 +114,14 @@ pub async fn run(
             crate::mqtt::spawn(
                 &config.mqtt,
                 password,
-                store.clone(),
-                health.clone(),
-                published_tx,
+                crate::mqtt::Links {
+                    store: store.clone(),
+                    health: health.clone(),
+                    published: published_tx,
+                    shutdown: shutdown.clone(),
+                    drain: config.gateway.shutdown_timeout,
+                },
                 &tracker,
-                shutdown.clone(),
-                config.gateway.shutdown_timeout,
             )
             .map_err(DaemonError::Mqtt)?,
         )

@@ -20,7 +20,11 @@ const DEVICES: u64 = 4;
 const KILLS: usize = 3;
 
 fn spawn_gateway(config: &std::path::Path, log: &std::path::Path) -> Child {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
     Command::new(env!("CARGO_BIN_EXE_nn-gateway"))
         .args(["run", "-c"])
         .arg(config)
@@ -32,7 +36,9 @@ fn spawn_gateway(config: &std::path::Path, log: &std::path::Path) -> Child {
 }
 
 fn stored(db: &std::path::Path) -> usize {
-    Db::open_readonly(db).and_then(|d| d.status()).map_or(0, |s| s.telemetry_points as usize)
+    Db::open_readonly(db)
+        .and_then(|d| d.status())
+        .map_or(0, |s| s.telemetry_points as usize)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,7 +80,10 @@ async fn sigkill_three_times_mid_stream_loses_nothing_and_duplicates_nothing() {
     tokio::spawn(async move {
         for i in 0..MESSAGES {
             let topic = format!("devices/meter-{}/telemetry", i % DEVICES);
-            client.publish(topic, QoS::AtLeastOnce, false, format!(r#"{{"n":{i}}}"#)).await.unwrap();
+            client
+                .publish(topic, QoS::AtLeastOnce, false, format!(r#"{{"n":{i}}}"#))
+                .await
+                .unwrap();
         }
         client
     });
@@ -84,18 +93,29 @@ async fn sigkill_three_times_mid_stream_loses_nothing_and_duplicates_nothing() {
         let target = baseline + (MESSAGES as usize * k) / (KILLS + 1);
         let deadline = Instant::now() + Duration::from_secs(120);
         while stored(&db) < target {
-            assert!(Instant::now() < deadline, "stuck below {target} stored; log: {}", log.display());
+            assert!(
+                Instant::now() < deadline,
+                "stuck below {target} stored; log: {}",
+                log.display()
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         gateway.kill().unwrap(); // SIGKILL
         gateway.wait().unwrap();
         gateway = spawn_gateway(&config, &log);
     }
-    tokio::time::timeout(Duration::from_secs(120), acked).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(120), acked)
+        .await
+        .unwrap()
+        .unwrap();
 
     let deadline = Instant::now() + Duration::from_secs(120);
     while stored(&db) < MESSAGES as usize {
-        assert!(Instant::now() < deadline, "only {} of {MESSAGES} stored", stored(&db));
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {MESSAGES} stored",
+            stored(&db)
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Give late duplicates, if any, the time to show up before counting.
@@ -107,8 +127,12 @@ async fn sigkill_three_times_mid_stream_loses_nothing_and_duplicates_nothing() {
     let mut all = Vec::new();
     for d in 0..DEVICES {
         let key = DeviceKey::parse(&format!("meter-{d}")).unwrap();
-        let numbers: Vec<u64> =
-            conn.telemetry_payloads(&key).unwrap().iter().map(|p| p["n"].as_u64().unwrap()).collect();
+        let numbers: Vec<u64> = conn
+            .telemetry_payloads(&key)
+            .unwrap()
+            .iter()
+            .map(|p| p["n"].as_u64().unwrap())
+            .collect();
         let expected: Vec<u64> = (0..MESSAGES).filter(|i| i % DEVICES == d).collect();
         assert_eq!(numbers.len(), expected.len(), "meter-{d}: wrong count");
         assert_eq!(numbers, expected, "meter-{d}: every message once, in order");

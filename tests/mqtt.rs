@@ -16,7 +16,11 @@ use support::{Device, Gateway, Mosquitto, cbor, config, wait_for, wait_subscribe
 const WAIT: Duration = Duration::from_secs(10);
 
 fn reported(db: &Db, key: &str) -> Option<Value> {
-    db.devices().ok()?.into_iter().find(|d| d.key == key)?.reported
+    db.devices()
+        .ok()?
+        .into_iter()
+        .find(|d| d.key == key)?
+        .reported
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,11 +31,22 @@ async fn state_patches_in_json_and_cbor_merge_into_one_document() {
     let dev = Device::connect(broker.port, "dev-state").await;
     wait_subscribed(&dev, &gw.db).await;
 
-    dev.publish("devices/th-1/state", br#"{"temp":21.5,"fw":"1.0","nested":{"a":1,"b":2}}"#.to_vec()).await;
-    dev.publish("devices/th-1/state", cbor(&json!({"fw":"1.1","nested":{"b":null,"c":3}}))).await;
+    dev.publish(
+        "devices/th-1/state",
+        br#"{"temp":21.5,"fw":"1.0","nested":{"a":1,"b":2}}"#.to_vec(),
+    )
+    .await;
+    dev.publish(
+        "devices/th-1/state",
+        cbor(&json!({"fw":"1.1","nested":{"b":null,"c":3}})),
+    )
+    .await;
 
     let want = json!({"temp":21.5,"fw":"1.1","nested":{"a":1,"c":3}});
-    let got = wait_for(&gw.db, WAIT, |db| reported(db, "th-1").filter(|doc| *doc == want)).await;
+    let got = wait_for(&gw.db, WAIT, |db| {
+        reported(db, "th-1").filter(|doc| *doc == want)
+    })
+    .await;
     assert_eq!(got, want);
     gw.stop().await;
 }
@@ -51,16 +66,33 @@ async fn telemetry_points_in_json_and_cbor_are_stored_in_order_with_outbox_rows(
     let dev = Device::connect(broker.port, "dev-telemetry").await;
     wait_subscribed(&dev, &gw.db).await;
 
-    dev.publish("devices/m-1/telemetry", br#"{"kwh":1,"ts":1700000000000}"#.to_vec()).await;
-    dev.publish("devices/m-1/telemetry", cbor(&json!([{"kwh":2},{"kwh":3,"ts":"2023-11-14T22:13:20Z"}]))).await;
-    dev.publish("devices/m-1/telemetry", br#"[{"kwh":4}]"#.to_vec()).await;
+    dev.publish(
+        "devices/m-1/telemetry",
+        br#"{"kwh":1,"ts":1700000000000}"#.to_vec(),
+    )
+    .await;
+    dev.publish(
+        "devices/m-1/telemetry",
+        cbor(&json!([{"kwh":2},{"kwh":3,"ts":"2023-11-14T22:13:20Z"}])),
+    )
+    .await;
+    dev.publish("devices/m-1/telemetry", br#"[{"kwh":4}]"#.to_vec())
+        .await;
 
     let key = DeviceKey::parse("m-1").unwrap();
     let points = wait_for(&gw.db, WAIT, |db| {
         db.telemetry_payloads(&key).ok().filter(|p| p.len() == 4)
     })
     .await;
-    assert_eq!(points, vec![json!({"kwh":1}), json!({"kwh":2}), json!({"kwh":3}), json!({"kwh":4})]);
+    assert_eq!(
+        points,
+        vec![
+            json!({"kwh":1}),
+            json!({"kwh":2}),
+            json!({"kwh":3}),
+            json!({"kwh":4})
+        ]
+    );
     let status = Db::open_readonly(&gw.db).unwrap().status().unwrap();
     let pending: i64 = status
         .outbox
@@ -69,7 +101,11 @@ async fn telemetry_points_in_json_and_cbor_are_stored_in_order_with_outbox_rows(
         .map(|c| c.rows)
         .sum();
     // One row per point, plus the probe device's reported state.
-    assert_eq!(pending, 5, "one outbox row per point for the telemetry cloud: {:?}", status.outbox);
+    assert_eq!(
+        pending, 5,
+        "one outbox row per point for the telemetry cloud: {:?}",
+        status.outbox
+    );
     gw.stop().await;
 }
 
@@ -83,23 +119,36 @@ async fn bad_messages_are_rejected_visibly_and_do_not_block_the_ones_behind() {
     let dev = Device::connect(broker.port, "dev-reject").await;
     wait_subscribed(&dev, &gw.db).await;
 
-    dev.publish("devices/bad-1/state", b"{not json".to_vec()).await;
-    dev.publish("devices/bad-1/telemetry", br#"[{"v":1},"oops"]"#.to_vec()).await;
-    dev.publish("devices/bad key/state", br#"{"a":1}"#.to_vec()).await;
+    dev.publish("devices/bad-1/state", b"{not json".to_vec())
+        .await;
+    dev.publish("devices/bad-1/telemetry", br#"[{"v":1},"oops"]"#.to_vec())
+        .await;
+    dev.publish("devices/bad key/state", br#"{"a":1}"#.to_vec())
+        .await;
     dev.publish("devices/big-1/state", vec![b' '; 4096]).await;
-    dev.publish("devices/good-1/state", br#"{"ok":true}"#.to_vec()).await;
+    dev.publish("devices/good-1/state", br#"{"ok":true}"#.to_vec())
+        .await;
 
     wait_for(&gw.db, WAIT, |db| reported(db, "good-1")).await;
-    let rejected = wait_for(&gw.db, WAIT, |db| db.rejected(10).ok().filter(|r| r.len() == 4)).await;
+    let rejected = wait_for(&gw.db, WAIT, |db| {
+        db.rejected(10).ok().filter(|r| r.len() == 4)
+    })
+    .await;
     let reasons: Vec<&str> = rejected.iter().rev().map(|r| r.reason.as_str()).collect();
     assert!(reasons[0].contains("invalid JSON"), "{reasons:?}");
     assert!(reasons[1].contains("point 1 is a string"), "{reasons:?}");
     assert!(reasons[2].contains("contains ' '"), "{reasons:?}");
-    assert!(reasons[3].contains("limit (mqtt.max_message_size) is 1024"), "{reasons:?}");
+    assert!(
+        reasons[3].contains("limit (mqtt.max_message_size) is 1024"),
+        "{reasons:?}"
+    );
     assert_eq!(rejected.last().unwrap().device.as_deref(), Some("bad-1"));
     let status = Db::open_readonly(&gw.db).unwrap().status().unwrap();
     assert_eq!(status.rejected_total, 4);
-    assert_eq!(status.devices, 2, "rejected messages create no device (good-1 and the probe)");
+    assert_eq!(
+        status.devices, 2,
+        "rejected messages create no device (good-1 and the probe)"
+    );
     gw.stop().await;
 }
 
@@ -110,22 +159,43 @@ async fn a_desired_edit_reaches_a_subscriber_as_a_retained_message() {
     let gw = Gateway::start(config(dir.path(), broker.port, "gw-desired")).await;
 
     // The operator's edit, made the way `nn-gateway desired set` makes it (another connection).
-    let out = nn_gateway::cli::set_desired(&gw.db, "valve-7", r#"{"open":true,"limit":40}"#).unwrap();
+    let out =
+        nn_gateway::cli::set_desired(&gw.db, "valve-7", r#"{"open":true,"limit":40}"#).unwrap();
     assert!(out.contains("version 1"), "{out}");
 
     // Published retained: a subscriber that arrives later still gets it.
     let db = gw.db.clone();
-    wait_for(&db, WAIT, |db| db.status().ok().filter(|s| s.desired_unpublished == 0 && s.devices == 1)).await;
+    wait_for(&db, WAIT, |db| {
+        db.status()
+            .ok()
+            .filter(|s| s.desired_unpublished == 0 && s.devices == 1)
+    })
+    .await;
     let mut dev = Device::connect(broker.port, "valve-7-client").await;
-    dev.client.subscribe("devices/valve-7/desired", rumqttc::QoS::AtLeastOnce).await.unwrap();
-    let msg = tokio::time::timeout(WAIT, dev.events.recv()).await.unwrap().unwrap();
+    dev.client
+        .subscribe("devices/valve-7/desired", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let msg = tokio::time::timeout(WAIT, dev.events.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(msg.retain);
-    assert_eq!(serde_json::from_slice::<Value>(&msg.payload).unwrap(), json!({"open":true,"limit":40}));
+    assert_eq!(
+        serde_json::from_slice::<Value>(&msg.payload).unwrap(),
+        json!({"open":true,"limit":40})
+    );
 
     // A second edit reaches the live subscriber.
     nn_gateway::cli::set_desired(&gw.db, "valve-7", r#"{"open":false}"#).unwrap();
-    let msg = tokio::time::timeout(WAIT, dev.events.recv()).await.unwrap().unwrap();
-    assert_eq!(serde_json::from_slice::<Value>(&msg.payload).unwrap(), json!({"open":false}));
+    let msg = tokio::time::timeout(WAIT, dev.events.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        serde_json::from_slice::<Value>(&msg.payload).unwrap(),
+        json!({"open":false})
+    );
     gw.stop().await;
 }
 
@@ -141,13 +211,17 @@ async fn shutdown_mid_stream_loses_nothing_and_stores_nothing_twice() {
     const N: usize = 3000;
     let publisher = tokio::spawn(async move {
         for i in 0..N {
-            dev.publish("devices/cnt-1/telemetry", format!(r#"{{"n":{i}}}"#)).await;
+            dev.publish("devices/cnt-1/telemetry", format!(r#"{{"n":{i}}}"#))
+                .await;
         }
         dev
     });
     let key = DeviceKey::parse("cnt-1").unwrap();
     // Stop while messages are flowing.
-    wait_for(&gw.db, WAIT, |db| db.telemetry_payloads(&key).ok().filter(|p| p.len() >= 200)).await;
+    wait_for(&gw.db, WAIT, |db| {
+        db.telemetry_payloads(&key).ok().filter(|p| p.len() >= 200)
+    })
+    .await;
     gw.stop().await;
     let _dev = publisher.await.unwrap();
 
@@ -158,6 +232,10 @@ async fn shutdown_mid_stream_loses_nothing_and_stores_nothing_twice() {
     })
     .await;
     let numbers: Vec<u64> = points.iter().map(|p| p["n"].as_u64().unwrap()).collect();
-    assert_eq!(numbers, (0..N as u64).collect::<Vec<_>>(), "every message once, in order");
+    assert_eq!(
+        numbers,
+        (0..N as u64).collect::<Vec<_>>(),
+        "every message once, in order"
+    );
     gw.stop().await;
 }

@@ -34,7 +34,8 @@ fn expect(sock: &UnixDatagram, want: impl Fn(&str) -> bool) -> Vec<String> {
 fn socket(dir: &std::path::Path) -> (UnixDatagram, std::path::PathBuf) {
     let path = dir.join("notify.sock");
     let sock = UnixDatagram::bind(&path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
     (sock, path)
 }
 
@@ -42,13 +43,20 @@ fn socket(dir: &std::path::Path) -> (UnixDatagram, std::path::PathBuf) {
 async fn the_daemon_reports_ready_watchdog_status_and_stopping_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let (sock, path) = socket(dir.path());
-    let gw = Gateway::start_with(config(dir.path(), free_port(), "gw-notify"), Notifier::to_socket(path)).await;
+    let gw = Gateway::start_with(
+        config(dir.path(), free_port(), "gw-notify"),
+        Notifier::to_socket(path),
+    )
+    .await;
 
     let seen = tokio::task::block_in_place(|| expect(&sock, |m| m.starts_with("STATUS=")));
     assert_eq!(seen[0], "READY=1", "READY=1 comes first: {seen:?}");
     assert!(seen.contains(&"WATCHDOG=1".to_owned()), "{seen:?}");
     let status = seen.last().unwrap();
-    assert!(status.contains("devices 0") && status.contains("mqtt down"), "{status}");
+    assert!(
+        status.contains("devices 0") && status.contains("mqtt down"),
+        "{status}"
+    );
 
     gw.shutdown.cancel();
     tokio::task::block_in_place(|| expect(&sock, |m| m == "STOPPING=1"));
@@ -72,7 +80,13 @@ fn the_binary_answers_sighup_with_a_reload_and_sigterm_with_a_clean_stop() {
         .unwrap();
     let pid = child.id().to_string();
     let signal = |name: &str| {
-        assert!(Command::new("kill").args([name, &pid]).status().unwrap().success());
+        assert!(
+            Command::new("kill")
+                .args([name, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
     };
 
     expect(&sock, |m| m == "READY=1");
@@ -82,10 +96,26 @@ fn the_binary_answers_sighup_with_a_reload_and_sigterm_with_a_clean_stop() {
 
     signal("-HUP");
     let seen = expect(&sock, |m| m == "READY=1");
-    assert!(seen.iter().any(|m| m.starts_with("RELOADING=1")), "{seen:?}");
+    assert!(
+        seen.iter().any(|m| m.starts_with("RELOADING=1")),
+        "{seen:?}"
+    );
 
     signal("-TERM");
     expect(&sock, |m| m == "STOPPING=1");
     let output = child.wait_with_output().unwrap();
     assert!(output.status.success(), "exit status {:?}", output.status);
+}
+
+#[test]
+fn the_unit_file_passes_systemd_analyze_verify_and_security() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/systemd_unit.sh");
+    let out = Command::new("sh").arg(script).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    println!("{text}");
 }

@@ -95,18 +95,35 @@ impl MqttHandle {
     }
 }
 
-/// Starts the MQTT driver and acker on `tracker`. They stop when `shutdown` fires, after
-/// acknowledging (within `drain`) everything already committed.
+/// What the MQTT tasks are connected to inside the daemon.
+pub struct Links {
+    pub store: Store,
+    pub health: Health,
+    /// Broker acknowledgements of desired publishes, for the downlink.
+    pub published: mpsc::Sender<Published>,
+    pub shutdown: CancellationToken,
+    /// How long shutdown may spend acknowledging what is already committed.
+    pub drain: Duration,
+}
+
+/// Starts the MQTT driver and acker on `tracker`. They stop when `links.shutdown` fires, after
+/// acknowledging (within `links.drain`) everything already committed.
+///
+/// # Errors
+/// When a topic template is unusable (configuration validation refuses those first).
 pub fn spawn(
     cfg: &MqttConfig,
     password: Option<Secret>,
-    store: Store,
-    health: Health,
-    published: mpsc::Sender<Published>,
+    links: Links,
     tracker: &TaskTracker,
-    shutdown: CancellationToken,
-    drain: Duration,
 ) -> Result<MqttHandle, String> {
+    let Links {
+        store,
+        health,
+        published,
+        shutdown,
+        drain,
+    } = links;
     let router = Router::new(&cfg.topics, cfg.max_message_size)?;
     let desired = Template::parse(&cfg.topics.desired)?;
     let mut opts = MqttOptions::new(cfg.client_id.clone(), cfg.host.clone(), cfg.port);

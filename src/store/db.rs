@@ -78,7 +78,8 @@ impl Db {
         }
         let conn = Connection::open(path).map_err(|e| StoreError::open(path, e))?;
         // Another process may hold the write lock (migrating, or committing a batch).
-        conn.busy_timeout(Duration::from_secs(5)).map_err(|e| StoreError::open(path, e))?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(|e| StoreError::open(path, e))?;
         // Check the version before any statement that writes (even journal_mode does).
         let found = user_version(&conn).map_err(|e| StoreError::open(path, e))?;
         if found > SCHEMA_VERSION {
@@ -154,14 +155,20 @@ impl Db {
     fn migrate(&mut self, from: i64) -> Result<(), StoreError> {
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(from as usize) {
             let version = i as i64 + 1;
-            let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let tx = self
+                .conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             if user_version(&tx)? >= version {
                 continue;
             }
-            tx.execute_batch(sql).map_err(|e| StoreError::Migration { version, source: e })?;
+            tx.execute_batch(sql)
+                .map_err(|e| StoreError::Migration { version, source: e })?;
             if version == 1 {
                 let id = format!("{:016x}", fastrand::u64(..));
-                tx.execute("INSERT INTO meta(key, value) VALUES ('install_id', ?1)", [id])?;
+                tx.execute(
+                    "INSERT INTO meta(key, value) VALUES ('install_id', ?1)",
+                    [id],
+                )?;
             }
             tx.pragma_update(None, "user_version", version)?;
             tx.commit()?;

@@ -17,7 +17,11 @@ use tokio_util::sync::CancellationToken;
 
 /// A free TCP port on loopback (bound, then released for the broker to take).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A Mosquitto broker for one test, killed on drop.
@@ -50,11 +54,17 @@ impl Mosquitto {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
-                .expect("mosquitto must be installed (apt-get install mosquitto); .ci/run installs it");
+                .expect(
+                    "mosquitto must be installed (apt-get install mosquitto); .ci/run installs it",
+                );
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline {
                 if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Mosquitto { port, child, _dir: dir };
+                    return Mosquitto {
+                        port,
+                        child,
+                        _dir: dir,
+                    };
                 }
                 if child.try_wait().unwrap().is_some() {
                     break; // Port taken meanwhile: try another.
@@ -105,11 +115,19 @@ impl Gateway {
 
     pub async fn start_with(cfg: Config, notifier: Notifier) -> Gateway {
         let sockets = Sockets::bind(&cfg).await.unwrap();
-        let coap_port = sockets.coap.as_ref().map_or(0, |s| s.local_addr().unwrap().port());
+        let coap_port = sockets
+            .coap
+            .as_ref()
+            .map_or(0, |s| s.local_addr().unwrap().port());
         let shutdown = CancellationToken::new();
         let db = cfg.storage.path.clone();
         let task = tokio::spawn(daemon::run(cfg, sockets, shutdown.clone(), notifier));
-        Gateway { shutdown, coap_port, db, task }
+        Gateway {
+            shutdown,
+            coap_port,
+            db,
+            task,
+        }
     }
 
     /// Fires shutdown and waits for the daemon to return.
@@ -124,7 +142,11 @@ impl Gateway {
 }
 
 /// Polls `check` against a read-only connection to the database until it returns `Some`.
-pub async fn wait_for<T>(db: &Path, timeout: Duration, mut check: impl FnMut(&Db) -> Option<T>) -> T {
+pub async fn wait_for<T>(
+    db: &Path,
+    timeout: Duration,
+    mut check: impl FnMut(&Db) -> Option<T>,
+) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(conn) = Db::open_readonly(db)
@@ -132,7 +154,10 @@ pub async fn wait_for<T>(db: &Path, timeout: Duration, mut check: impl FnMut(&Db
         {
             return v;
         }
-        assert!(Instant::now() < deadline, "condition not met within {timeout:?}");
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {timeout:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -148,7 +173,9 @@ pub struct Device {
 impl Device {
     pub async fn connect(port: u16, id: &str) -> Device {
         let mut opts = MqttOptions::new(id, "127.0.0.1", port);
-        opts.set_keep_alive(Duration::from_secs(30)).set_inflight(200).set_max_packet_size(1 << 22, 1 << 22);
+        opts.set_keep_alive(Duration::from_secs(30))
+            .set_inflight(200)
+            .set_max_packet_size(1 << 22, 1 << 22);
         let (client, mut eventloop) = AsyncClient::new(opts, 1000);
         let (tx, events) = tokio::sync::mpsc::unbounded_channel();
         let (up_tx, mut connected) = tokio::sync::watch::channel(false);
@@ -166,12 +193,23 @@ impl Device {
                 }
             }
         });
-        tokio::time::timeout(Duration::from_secs(5), connected.wait_for(|up| *up)).await.unwrap().unwrap();
-        Device { client, events, connected, task }
+        tokio::time::timeout(Duration::from_secs(5), connected.wait_for(|up| *up))
+            .await
+            .unwrap()
+            .unwrap();
+        Device {
+            client,
+            events,
+            connected,
+            task,
+        }
     }
 
     pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
-        self.client.publish(topic, QoS::AtLeastOnce, false, payload).await.unwrap();
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
     }
 }
 
@@ -194,10 +232,13 @@ pub fn cbor(v: &serde_json::Value) -> Vec<u8> {
 pub async fn wait_subscribed(dev: &Device, db: &Path) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        dev.publish("devices/probe/state", br#"{"probe":true}"#.to_vec()).await;
+        dev.publish("devices/probe/state", br#"{"probe":true}"#.to_vec())
+            .await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         if let Ok(conn) = Db::open_readonly(db)
-            && conn.devices().is_ok_and(|d| d.iter().any(|d| d.key == "probe"))
+            && conn
+                .devices()
+                .is_ok_and(|d| d.iter().any(|d| d.key == "probe"))
         {
             return;
         }
