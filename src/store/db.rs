@@ -184,6 +184,12 @@ impl Db {
             .optional()?)
     }
 
+    /// The raw connection, for tests that need to arrange unusual states.
+    #[cfg(test)]
+    pub(crate) fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

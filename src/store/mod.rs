@@ -11,6 +11,8 @@
 //! covers a whole batch.
 
 pub mod db;
+#[cfg(test)]
+mod tests;
 pub mod views;
 
 use std::path::PathBuf;

@@ -1,0 +1,288 @@
+//! Store tests on real SQLite files in temporary directories.
+
+use serde_json::json;
+
+use super::*;
+use crate::config::Synchronous;
+use crate::model::{
+    DeviceKey, Format, Inbound, MqttDelivery, Origin, Point, Reading, Rejection, Target, UnixMillis,
+};
+
+fn opts(targets: Vec<Target>) -> OpenOptions {
+    OpenOptions {
+        synchronous: Synchronous::Normal,
+        targets,
+        rejected_keep: 3,
+    }
+}
+
+fn state(device: &str, patch: serde_json::Value, mqtt: Option<MqttDelivery>) -> WriteOp {
+    WriteOp::Ingest(Inbound {
+        device: DeviceKey::parse(device).unwrap(),
+        origin: Origin::Mqtt,
+        format: Format::Json,
+        received_at: UnixMillis::now(),
+        reading: Reading::State(patch.as_object().unwrap().clone()),
+        mqtt,
+    })
+}
+
+fn telemetry(device: &str, n: i64, mqtt: Option<MqttDelivery>) -> WriteOp {
+    WriteOp::Ingest(Inbound {
+        device: DeviceKey::parse(device).unwrap(),
+        origin: Origin::Mqtt,
+        format: Format::Json,
+        received_at: UnixMillis::now(),
+        reading: Reading::Telemetry(vec![Point {
+            device_ts: None,
+            data: json!({"n": n}).as_object().unwrap().clone(),
+        }]),
+        mqtt,
+    })
+}
+
+fn reject(reason: &str) -> WriteOp {
+    WriteOp::Reject(Rejection {
+        origin: Origin::Mqtt,
+        device: Some("d".into()),
+        locator: "devices/d/state".into(),
+        reason: reason.into(),
+        size: 3,
+        excerpt: b"bad".to_vec(),
+        received_at: UnixMillis::now(),
+        mqtt: None,
+    })
+}
+
+fn outbox(db: &Db) -> Vec<(String, String, i64)> {
+    db.status()
+        .unwrap()
+        .outbox
+        .into_iter()
+        .map(|c| (c.target, c.state, c.rows))
+        .collect()
+}
+
+#[test]
+fn a_group_commit_answers_every_write_and_reports_new_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut db = Db::open(&dir.path().join("g.db"), &opts(vec![])).unwrap();
+    let results = db.apply_batch(&[
+        state("a", json!({"x":1}), None),
+        state("a", json!({"y":2}), None),
+        reject("nope"),
+    ]);
+    let outcomes: Vec<Outcome> = results.into_iter().map(Result::unwrap).collect();
+    assert_eq!(
+        outcomes,
+        [
+            Outcome::Stored { new_device: true },
+            Outcome::Stored { new_device: false },
+            Outcome::Rejected
+        ]
+    );
+    let devices = db.devices().unwrap();
+    assert_eq!(devices[0].reported, Some(json!({"x":1,"y":2})));
+    assert_eq!(devices[0].reported_version, Some(2));
+}
+
+#[test]
+fn reported_state_coalesces_to_one_pending_row_per_cloud_while_telemetry_goes_to_netneural_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut db = Db::open(
+        &dir.path().join("g.db"),
+        &opts(vec![Target::Golioth, Target::NetNeural]),
+    )
+    .unwrap();
+    for i in 0..5 {
+        db.apply_batch(&[state("a", json!({"i": i}), None), telemetry("a", i, None)]);
+    }
+    assert_eq!(
+        outbox(&db),
+        [
+            ("golioth".into(), "pending".into(), 1),
+            ("netneural".into(), "pending".into(), 6)
+        ]
+    );
+    let payload: String = db
+        .conn()
+        .query_row(
+            "SELECT payload FROM outbox WHERE target = 'golioth'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&payload).unwrap(),
+        json!({"i": 4}),
+        "the newest document wins"
+    );
+}
+
+#[test]
+fn a_redelivery_is_recognised_but_a_new_identical_reading_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut db = Db::open(&dir.path().join("g.db"), &opts(vec![])).unwrap();
+    let first = MqttDelivery {
+        pkid: 7,
+        dup: false,
+        digest: 42,
+    };
+    let redelivery = MqttDelivery { dup: true, ..first };
+    let other_message_same_pkid = MqttDelivery {
+        pkid: 7,
+        dup: true,
+        digest: 43,
+    };
+    let new_identical = MqttDelivery {
+        pkid: 8,
+        dup: false,
+        digest: 42,
+    };
+    let results: Vec<Outcome> = db
+        .apply_batch(&[
+            telemetry("a", 1, Some(first)),
+            telemetry("a", 1, Some(redelivery)),
+            telemetry("a", 2, Some(other_message_same_pkid)),
+            telemetry("a", 1, Some(new_identical)),
+        ])
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(results[1], Outcome::Duplicate);
+    assert!(
+        matches!(results[2], Outcome::Stored { .. }),
+        "DUP with a different digest is a message we never stored"
+    );
+    assert!(
+        matches!(results[3], Outcome::Stored { .. }),
+        "no DUP flag: a new reading, even if identical"
+    );
+    let key = DeviceKey::parse("a").unwrap();
+    assert_eq!(
+        db.telemetry_payloads(&key).unwrap(),
+        [json!({"n":1}), json!({"n":2}), json!({"n":1})]
+    );
+}
+
+#[test]
+fn one_poisonous_write_does_not_fail_the_rest_of_its_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut db = Db::open(&dir.path().join("g.db"), &opts(vec![])).unwrap();
+    // A trigger stands in for any failure specific to one row.
+    db.conn()
+        .execute_batch(
+            "CREATE TRIGGER poison BEFORE INSERT ON device WHEN NEW.key = 'poison'
+             BEGIN SELECT RAISE(ABORT, 'poisoned'); END;",
+        )
+        .unwrap();
+    let results = db.apply_batch(&[
+        state("a", json!({"x":1}), None),
+        state("poison", json!({}), None),
+        telemetry("b", 1, None),
+    ]);
+    assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+    assert!(
+        results[1]
+            .as_ref()
+            .unwrap_err()
+            .to_string()
+            .contains("poisoned")
+    );
+    assert_eq!(db.status().unwrap().devices, 2);
+}
+
+#[test]
+fn rejected_messages_are_counted_and_the_table_is_trimmed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut db = Db::open(&dir.path().join("g.db"), &opts(vec![])).unwrap();
+    for i in 0..5 {
+        db.apply_batch(&[reject(&format!("reason {i}"))]);
+    }
+    let status = db.status().unwrap();
+    assert_eq!((status.rejected_total, status.rejected_kept), (5, 3));
+    let kept: Vec<String> = db
+        .rejected(10)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.reason)
+        .collect();
+    assert_eq!(kept, ["reason 4", "reason 3", "reason 2"]);
+}
+
+#[test]
+fn a_database_from_a_newer_version_is_refused_and_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("g.db");
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("CREATE TABLE future(x); PRAGMA user_version = 99;")
+            .unwrap();
+    }
+    let before = std::fs::read(&path).unwrap();
+    let err = Db::open(&path, &opts(vec![])).err().unwrap();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("schema version 99") && msg.contains("g.db"),
+        "{msg}"
+    );
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "the file was modified"
+    );
+    assert!(
+        !dir.path().join("g.db-wal").exists(),
+        "WAL mode was switched on"
+    );
+}
+
+#[test]
+fn reopening_applies_no_migration_twice_and_in_flight_rows_return_to_pending() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("g.db");
+    let mut db = Db::open(&path, &opts(vec![Target::NetNeural])).unwrap();
+    db.apply_batch(&[telemetry("a", 1, None)]);
+    db.conn()
+        .execute("UPDATE outbox SET state = 'in_flight'", [])
+        .unwrap();
+    drop(db);
+    let mut db = Db::open(&path, &opts(vec![Target::NetNeural])).unwrap();
+    assert_eq!(db.requeue_in_flight().unwrap(), 1);
+    assert_eq!(outbox(&db), [("netneural".into(), "pending".into(), 1)]);
+}
+
+#[test]
+fn desired_changes_are_ordered_and_publication_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut db = Db::open(&dir.path().join("g.db"), &opts(vec![])).unwrap();
+    let a = DeviceKey::parse("a").unwrap();
+    let b = DeviceKey::parse("b").unwrap();
+    let first = db
+        .set_desired(&a, &json!({"on":true}), Origin::Local)
+        .unwrap();
+    db.set_desired(&b, &json!({"on":false}), Origin::Local)
+        .unwrap();
+    let again = db
+        .set_desired(&a, &json!({"on":false}), Origin::Local)
+        .unwrap();
+    assert_eq!((first.version, again.version), (1, 2));
+    let since: Vec<String> = db
+        .desired_since(first.seq, 10)
+        .unwrap()
+        .into_iter()
+        .map(|d| d.device.to_string())
+        .collect();
+    assert_eq!(since, ["b", "a"]);
+    db.mark_desired_published(&a, again.seq).unwrap();
+    let unpublished: Vec<String> = db
+        .desired_unpublished(10)
+        .unwrap()
+        .into_iter()
+        .map(|d| d.device.to_string())
+        .collect();
+    assert_eq!(unpublished, ["b"]);
+    // An older acknowledgement arriving late does not undo a newer one.
+    db.mark_desired_published(&a, first.seq).unwrap();
+    assert_eq!(db.desired_unpublished(10).unwrap().len(), 1);
+}
