@@ -80,6 +80,7 @@
 pub mod exchange;
 pub mod message;
 pub mod observe;
+pub mod reply;
 pub mod route;
 mod server;
 
