@@ -52,6 +52,11 @@ pub fn render_status(s: &Status) -> String {
         "rejected       {} total, {} kept (nn-gateway rejected)",
         s.rejected_total, s.rejected_kept
     );
+    let _ = writeln!(
+        out,
+        "redeliveries   {} recognised as already stored",
+        s.redeliveries_total
+    );
     let _ = writeln!(out, "conflicts      {} pending", s.conflicts_pending);
     if s.outbox.is_empty() {
         let _ = writeln!(out, "outbox         empty");

@@ -139,4 +139,16 @@ async fn sigkill_three_times_mid_stream_loses_nothing_and_duplicates_nothing() {
         all.extend(numbers);
     }
     assert_eq!(all.len() as u64, MESSAGES);
+    // The kills landed mid-stream: the broker redelivered messages that were stored but not
+    // yet acknowledged, and no more than a window of them per kill.
+    let redeliveries = conn.status().unwrap().redeliveries_total;
+    let bound = (KILLS * nn_gateway::mqtt::WINDOW) as i64;
+    assert!(
+        redeliveries > 0,
+        "no kill caught a message between commit and PUBACK"
+    );
+    assert!(
+        redeliveries <= bound,
+        "{redeliveries} redeliveries, more than {bound}"
+    );
 }

@@ -15,8 +15,12 @@
 //!   something usable; an observer then receives the first real document as a notification.
 //!
 //! Payloads are Content-Format 50 (JSON) or 60 (CBOR); without the option the format is
-//! detected as for MQTT; any other is 4.15. See [`route`] for every answer and which refusals
-//! are also stored as rejections.
+//! detected as for MQTT; any other is 4.15. A payload over `coap.max_message_size` is 4.13
+//! with Size1. There is no block-wise transfer (RFC 7959): a request split with Block1 is 4.13
+//! (the client learns the limit from Size1), a Block2 request for block 0 gets the whole
+//! document. Unknown critical options are 4.02. See [`route`] for every answer and which
+//! refusals are also stored as rejections (those that lose a device's data, not unknown paths
+//! or wrong methods).
 //!
 //! # Acknowledged only after commit
 //!
@@ -60,6 +64,8 @@
 //! token, its requested Content-Format, a fresh message id and a 24-bit Observe number that
 //! only increases. Notifications are NON: a lost one is superseded by the next change; the
 //! daemon's downlink announces every change by `seq`, and one already sent is not repeated.
+//! No Max-Age is sent with the document, so the default of 60 s applies: a client following
+//! RFC 7641 §3.3.1 re-registers after a quiet minute, which the replacement rule absorbs.
 //!
 //! # Malformed input
 //!
@@ -172,6 +178,8 @@ pub fn spawn(
         due: Notify::new(),
         ids: message::MessageIds::new(fastrand::u16(..)),
         counters: server::Counters::default(),
+        overload_log: Mutex::new(server::LogGate::new(server::LOG_EVERY)),
+        observers_full_log: Mutex::new(server::LogGate::new(server::LOG_EVERY)),
     });
     let span = tracing::info_span!("coap", %local);
     tracker.spawn(

@@ -34,8 +34,9 @@ use crate::store::{DesiredDoc, Store, WriteOp};
 /// answered 4.13 rather than truncated into something that parses.
 const RECV_BUFFER: usize = 65_535;
 
-/// At most one log line per this interval for malformed datagrams and receive errors.
-const LOG_EVERY: Duration = Duration::from_secs(10);
+/// At most one log line per this interval for each kind of repetitive trouble (malformed
+/// datagrams, receive errors, overload, a full observer registry).
+pub(super) const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Pause after a receive error, so a persistent one cannot spin the loop.
 const ERROR_PAUSE: Duration = Duration::from_millis(50);
@@ -52,6 +53,9 @@ pub(super) struct Shared {
     pub(super) due: Notify,
     pub(super) ids: MessageIds,
     pub(super) counters: Counters,
+    /// Rate limits for warnings a busy or crowded server would otherwise repeat per request.
+    pub(super) overload_log: Mutex<LogGate>,
+    pub(super) observers_full_log: Mutex<LogGate>,
 }
 
 #[derive(Default)]
@@ -138,7 +142,9 @@ impl Shared {
         }
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
             bump(&self.counters.overloaded);
-            tracing::debug!(%peer, %path, "all handlers busy; answered 5.03");
+            if let Some(suppressed) = lock(&self.overload_log).allow(Instant::now()) {
+                tracing::warn!(%peer, %path, suppressed, "all CoAP handlers busy; answering 5.03");
+            }
             let reply = Reply::unavailable(OVERLOAD_RETRY_AFTER_SECS, "gateway busy, retry later");
             return Some(self.finish(peer, &to, replayable, &reply));
         };
@@ -211,7 +217,12 @@ impl Shared {
                     Instant::now(),
                 );
                 if !ok {
-                    tracing::warn!("observer limit reached; answered without registering");
+                    if let Some(suppressed) = lock(&self.observers_full_log).allow(Instant::now()) {
+                        tracing::warn!(
+                            suppressed,
+                            "observer limit reached; answering without registering"
+                        );
+                    }
                 }
                 ok
             }
@@ -328,14 +339,14 @@ pub(super) async fn notify(shared: Arc<Shared>, shutdown: CancellationToken) {
 
 /// Lets one log line through per interval and counts the ones held back.
 #[derive(Debug)]
-struct LogGate {
+pub(super) struct LogGate {
     every: Duration,
     next: Option<Instant>,
     suppressed: u64,
 }
 
 impl LogGate {
-    fn new(every: Duration) -> LogGate {
+    pub(super) fn new(every: Duration) -> LogGate {
         LogGate {
             every,
             next: None,

@@ -368,6 +368,10 @@ impl Db {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
             rejected_kept: count("SELECT count(*) FROM rejected")?,
+            redeliveries_total: self
+                .meta("redeliveries_total")?
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
             conflicts_pending: count("SELECT count(*) FROM conflict WHERE status = 'pending'")?,
             db_bytes: file_size(self.path.clone()),
             wal_bytes: file_size(PathBuf::from(wal)),
@@ -509,7 +513,13 @@ fn is_redelivery(tx: &Transaction<'_>, d: &MqttDelivery, now: i64) -> rusqlite::
     } else {
         false
     };
-    if !seen {
+    if seen {
+        tx.prepare_cached(
+            "INSERT INTO meta(key, value) VALUES ('redeliveries_total', '1')
+             ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1",
+        )?
+        .execute([])?;
+    } else {
         tx.prepare_cached(
             "INSERT INTO mqtt_inbound(pkid, digest, received_at) VALUES (?1, ?2, ?3)
              ON CONFLICT(pkid) DO UPDATE SET digest = excluded.digest, received_at = excluded.received_at",

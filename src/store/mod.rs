@@ -90,16 +90,38 @@ pub struct Store {
     healthy: Arc<AtomicBool>,
 }
 
-/// A write handed to the store, not yet answered.
+/// A write handed to the store, not yet answered. Await it for the commit that holds it.
+///
+/// # Cancel safety
+/// Dropping it does not undo the write; only the answer is lost.
 pub struct PendingWrite(oneshot::Receiver<Result<Outcome, StoreError>>);
 
 impl PendingWrite {
     /// Waits for the commit that holds this write.
-    ///
-    /// # Cancel safety
-    /// Dropping it does not undo the write; only the answer is lost.
     pub async fn committed(self) -> Result<Outcome, StoreError> {
-        self.0.await.unwrap_or(Err(StoreError::Closed))
+        self.await
+    }
+
+    /// The answer, if the commit has already happened.
+    pub fn try_take(&mut self) -> Option<Result<Outcome, StoreError>> {
+        match self.0.try_recv() {
+            Ok(result) => Some(result),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            Err(oneshot::error::TryRecvError::Closed) => Some(Err(StoreError::Closed)),
+        }
+    }
+}
+
+impl std::future::Future for PendingWrite {
+    type Output = Result<Outcome, StoreError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(StoreError::Closed)))
     }
 }
 

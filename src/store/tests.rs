@@ -150,6 +150,7 @@ fn a_redelivery_is_recognised_but_a_new_identical_reading_is_stored() {
         .map(Result::unwrap)
         .collect();
     assert_eq!(results[1], Outcome::Duplicate);
+    assert_eq!(db.status().unwrap().redeliveries_total, 1);
     assert!(
         matches!(results[2], Outcome::Stored { .. }),
         "DUP with a different digest is a message we never stored"

@@ -38,6 +38,8 @@ pub struct Status {
     pub rejected_total: i64,
     /// How many of those are still kept for inspection.
     pub rejected_kept: i64,
+    /// Broker redeliveries (DUP) recognised as already stored and not stored again.
+    pub redeliveries_total: i64,
     pub conflicts_pending: i64,
     pub db_bytes: u64,
     pub wal_bytes: u64,
