@@ -125,10 +125,10 @@ impl Exchanges {
 
     /// Records the response sent for a confirmable request, for its retransmissions.
     pub fn answered(&mut self, peer: SocketAddr, mid: u16, response: Vec<u8>) {
-        if let Some(entry) = self.entries.get_mut(&(peer, mid)) {
-            if matches!(entry.state, State::InProgress) {
-                entry.state = State::Answered(response);
-            }
+        if let Some(entry) = self.entries.get_mut(&(peer, mid))
+            && matches!(entry.state, State::InProgress)
+        {
+            entry.state = State::Answered(response);
         }
     }
 

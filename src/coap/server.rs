@@ -216,13 +216,13 @@ impl Shared {
                     format,
                     Instant::now(),
                 );
-                if !ok {
-                    if let Some(suppressed) = lock(&self.observers_full_log).allow(Instant::now()) {
-                        tracing::warn!(
-                            suppressed,
-                            "observer limit reached; answering without registering"
-                        );
-                    }
+                if !ok
+                    && let Some(suppressed) = lock(&self.observers_full_log).allow(Instant::now())
+                {
+                    tracing::warn!(
+                        suppressed,
+                        "observer limit reached; answering without registering"
+                    );
                 }
                 ok
             }
