@@ -1,0 +1,234 @@
+//! The operator's view, through the real `nn-gateway` binary: `check-config`, `status`,
+//! `devices`, `desired set` reaching a real MQTT subscriber and a real CoAP observer, and a
+//! daemon left without a broker.
+//!
+//! Real: the binary, Mosquitto, libcoap's `coap-client-notls`, the SQLite file. Faked: nothing.
+
+mod support;
+
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::{Device, Gateway, Mosquitto, config, free_port, wait_for, wait_subscribed};
+
+fn gateway(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nn-gateway"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn check_config_names_the_file_and_key_of_a_mistake_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gateway.toml");
+    std::fs::write(
+        &file,
+        "[mqtt]\nport = 1883\n[coap]\nbnid = \"0.0.0.0:5683\"\n",
+    )
+    .unwrap();
+    let out = gateway(&["check-config", "-c", file.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let msg = text(&out);
+    assert!(
+        msg.contains(file.to_str().unwrap()) && msg.contains("bnid") && msg.contains("coap"),
+        "{msg}"
+    );
+
+    let out = gateway(&["check-config"], &[("NNGW_MQTT__PORT", "many")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).contains("mqtt.port") && text(&out).contains("many"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn check_config_prints_the_effective_config_with_secrets_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("golioth.key");
+    std::fs::write(&key, "sup3r-s3cret-golioth-key\n").unwrap();
+    let file = dir.path().join("gateway.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[golioth]\nenabled = true\nproject_id = \"site-1\"\napi_key_file = {:?}\n",
+            key.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = gateway(
+        &["check-config", "-c", file.to_str().unwrap()],
+        &[("NNGW_MQTT__PORT", "18830")],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let shown = text(&out);
+    assert!(!shown.contains("sup3r-s3cret"), "the key leaked:\n{shown}");
+    assert!(shown.contains("api_key = \"<redacted>\""), "{shown}");
+    assert!(
+        shown.contains("port = 18830"),
+        "environment applied:\n{shown}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_devices_show_what_arrived_while_the_daemon_runs() {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(config(dir.path(), broker.port, "gw-operator")).await;
+    let dev = Device::connect(broker.port, "dev-operator").await;
+    wait_subscribed(&dev, &gw.db).await;
+    dev.publish("devices/pump-3/state", br#"{"rpm":1200}"#.to_vec())
+        .await;
+    dev.publish(
+        "devices/pump-3/telemetry",
+        br#"[{"flow":1.5},{"flow":1.7}]"#.to_vec(),
+    )
+    .await;
+    dev.publish("devices/pump-3/state", b"garbage".to_vec())
+        .await;
+    wait_for(&gw.db, Duration::from_secs(10), |db| {
+        db.status()
+            .ok()
+            .filter(|s| s.telemetry_points == 2 && s.rejected_total == 1)
+    })
+    .await;
+
+    let db = gw.db.to_str().unwrap().to_owned();
+    let env = [("NNGW_STORAGE__PATH", db.as_str())];
+    let out = gateway(&["status", "--json"], &env);
+    assert!(out.status.success(), "{}", text(&out));
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["devices"], 2, "pump-3 and the probe: {status}");
+    assert_eq!(status["telemetry_points"], 2);
+    assert_eq!(status["rejected_total"], 1);
+    assert!(status["db_bytes"].as_u64().unwrap() > 0);
+
+    let out = gateway(&["devices", "--json"], &env);
+    let devices: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pump = devices
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["key"] == "pump-3")
+        .unwrap();
+    assert_eq!(pump["reported"], json!({"rpm":1200}));
+    assert_eq!(pump["telemetry_points"], 2);
+    assert!(pump["last_seen"].as_str().unwrap().ends_with('Z'));
+
+    let human = text(&gateway(&["status"], &env));
+    assert!(human.contains("telemetry      2 points"), "{human}");
+    let rejected = text(&gateway(&["rejected"], &env));
+    assert!(
+        rejected.contains("invalid") || rejected.contains("neither"),
+        "{rejected}"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desired_set_reaches_an_mqtt_subscriber_and_a_coap_observer() {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(config(dir.path(), broker.port, "gw-downlink")).await;
+    let mut subscriber = Device::connect(broker.port, "lamp-9-mqtt").await;
+    subscriber
+        .client
+        .subscribe("devices/lamp-9/desired", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+
+    // A real CoAP observer for 4 seconds.
+    let uri = format!("coap://127.0.0.1:{}/d/lamp-9/desired", gw.coap_port);
+    let observer = std::thread::spawn(move || {
+        Command::new("coap-client-notls")
+            .args(["-m", "get", "-s", "4", &uri])
+            .stderr(Stdio::null())
+            .output()
+            .unwrap()
+    });
+
+    // Several edits through the binary while it observes: whatever its first GET returned, at
+    // least one later edit can only have reached it as a notification.
+    let db = gw.db.to_str().unwrap().to_owned();
+    for level in 1..=6 {
+        let out = gateway(
+            &[
+                "desired",
+                "set",
+                "lamp-9",
+                &format!(r#"{{"level":{level}}}"#),
+            ],
+            &[("NNGW_STORAGE__PATH", &db)],
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    let printed = String::from_utf8_lossy(&observer.join().unwrap().stdout).into_owned();
+    // libcoap prints each payload as it comes, without separators.
+    let docs: Vec<Value> = serde_json::Deserializer::from_str(&printed)
+        .into_iter::<Value>()
+        .map_while(Result::ok)
+        .collect();
+    assert!(
+        docs.len() >= 2,
+        "the observer saw no notification: {printed:?}"
+    );
+    assert_eq!(docs.last().unwrap(), &json!({"level": 6}), "{printed:?}");
+
+    let mut last = Value::Null;
+    while last != json!({"level": 6}) {
+        let msg = tokio::time::timeout(Duration::from_secs(10), subscriber.events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        last = serde_json::from_slice(&msg.payload).unwrap();
+    }
+    gw.stop().await;
+}
+
+#[test]
+fn without_a_broker_the_daemon_keeps_running_and_logs_the_outage_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("gateway.db");
+    let child = Command::new(env!("CARGO_BIN_EXE_nn-gateway"))
+        .arg("run")
+        .envs([
+            ("NNGW_STORAGE__PATH", db.to_str().unwrap()),
+            ("NNGW_MQTT__PORT", &free_port().to_string()),
+            ("NNGW_MQTT__RECONNECT_MIN", "10ms"),
+            ("NNGW_MQTT__RECONNECT_MAX", "50ms"),
+            ("NNGW_COAP__BIND", "127.0.0.1:0"),
+            ("NNGW_LOG__FORMAT", "text"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Dozens of reconnect attempts at these settings.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(log.matches("cannot reach broker").count(), 1, "{log}");
+    assert!(log.contains("gateway ready"), "{log}");
+}
