@@ -1,4 +1,4 @@
-//! From raw message to [`Inbound`]: the checks every transport shares.
+//! From raw message to [`crate::model::Inbound`]: the checks every transport shares.
 //!
 //! Pure. MQTT and CoAP each find the device and the kind of message in their own address
 //! (topic or path), then call [`decode_reading`]; whatever it refuses becomes a

@@ -12,11 +12,14 @@
 //! - [`ingest`]: checks every transport shares — state patches, telemetry points, RFC 7386 merge.
 //! - [`backoff`]: exponential backoff with full jitter, used by every retry loop.
 //! - [`mqtt::topics`] and [`mqtt::router`]: topic templates and PUBLISH → store write.
+//! - [`coap::route`], [`coap::reply`], [`coap::message`]: CoAP request → plan → response bytes;
+//!   [`coap::exchange`] (retransmission cache) and [`coap::observe`] (observer registry).
 //!
 //! I/O:
 //! - [`config`]: the typed configuration, from TOML and `NNGW_` environment variables.
 //! - [`store`]: the SQLite mirror — migrations, all SQL, and the store thread with group commit.
-//! - [`mqtt`]: rumqttc client of the site broker — ingest with manual acks, desired publishes.
+//! - [`mqtt`]: rumqttc client of the site broker — ingest acknowledged after commit, in
+//!   batches, desired publishes.
 //! - [`coap`]: CoAP server on a UDP socket — ingest, desired resource with Observe.
 //! - [`downlink`]: carries desired-state changes from the store to MQTT and CoAP.
 //! - [`notify`]: the systemd notify protocol (READY, WATCHDOG, STATUS, STOPPING).
