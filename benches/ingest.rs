@@ -15,10 +15,9 @@ mod support;
 use std::time::{Duration, Instant};
 
 use nn_gateway::config::Synchronous;
-use nn_gateway::model::DeviceKey;
 use nn_gateway::store::Db;
 use rumqttc::{AsyncClient, MqttOptions, QoS};
-use support::{Device, Gateway, Mosquitto, config, wait_subscribed};
+use support::{Device, Gateway, Mosquitto, assert_each_once_in_order, config, wait_subscribed};
 
 const DEVICES: u64 = 10;
 
@@ -84,20 +83,7 @@ async fn one_run(messages: u64, sync: Synchronous) -> f64 {
     let elapsed = started.elapsed();
     driver.abort();
 
-    for d in 0..DEVICES {
-        let key = DeviceKey::parse(&format!("bench-{d}")).unwrap();
-        let got: Vec<u64> = conn
-            .telemetry_payloads(&key)
-            .unwrap()
-            .iter()
-            .map(|p| p["n"].as_u64().unwrap())
-            .collect();
-        let want: Vec<u64> = (0..messages).filter(|i| i % DEVICES == d).collect();
-        assert!(
-            got == want,
-            "bench-{d}: points missing, duplicated or out of order"
-        );
-    }
+    assert_each_once_in_order(&conn, "bench-", DEVICES, messages);
     gw.stop().await;
     messages as f64 / elapsed.as_secs_f64()
 }

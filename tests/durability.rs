@@ -10,10 +10,9 @@ mod support;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nn_gateway::model::DeviceKey;
 use nn_gateway::store::Db;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use support::{Device, Mosquitto, wait_subscribed};
+use support::{Device, Mosquitto, assert_each_once_in_order, wait_subscribed};
 
 const MESSAGES: u64 = 20_000;
 const DEVICES: u64 = 4;
@@ -124,21 +123,7 @@ async fn sigkill_three_times_mid_stream_loses_nothing_and_duplicates_nothing() {
     gateway.wait().unwrap();
 
     let conn = Db::open_readonly(&db).unwrap();
-    let mut all = Vec::new();
-    for d in 0..DEVICES {
-        let key = DeviceKey::parse(&format!("meter-{d}")).unwrap();
-        let numbers: Vec<u64> = conn
-            .telemetry_payloads(&key)
-            .unwrap()
-            .iter()
-            .map(|p| p["n"].as_u64().unwrap())
-            .collect();
-        let expected: Vec<u64> = (0..MESSAGES).filter(|i| i % DEVICES == d).collect();
-        assert_eq!(numbers.len(), expected.len(), "meter-{d}: wrong count");
-        assert_eq!(numbers, expected, "meter-{d}: every message once, in order");
-        all.extend(numbers);
-    }
-    assert_eq!(all.len() as u64, MESSAGES);
+    assert_each_once_in_order(&conn, "meter-", DEVICES, MESSAGES);
     // The kills landed mid-stream: the broker redelivered messages that were stored but not
     // yet acknowledged, and no more than a window of them per kill.
     let redeliveries = conn.status().unwrap().redeliveries_total;

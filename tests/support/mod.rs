@@ -245,3 +245,23 @@ pub async fn wait_subscribed(dev: &Device, db: &Path) {
         assert!(Instant::now() < deadline, "gateway never subscribed");
     }
 }
+
+/// Asserts that messages `0..total`, numbered in field `n` and spread round-robin over
+/// devices `{prefix}0..{prefix}{devices-1}`, are each stored exactly once, in order per device.
+pub fn assert_each_once_in_order(db: &Db, prefix: &str, devices: u64, total: u64) {
+    for d in 0..devices {
+        let key = nn_gateway::model::DeviceKey::parse(&format!("{prefix}{d}")).unwrap();
+        let numbers: Vec<u64> = db
+            .telemetry_payloads(&key)
+            .unwrap()
+            .iter()
+            .map(|p| p["n"].as_u64().unwrap())
+            .collect();
+        let expected: Vec<u64> = (0..total).filter(|i| i % devices == d).collect();
+        assert_eq!(numbers.len(), expected.len(), "{prefix}{d}: wrong count");
+        assert!(
+            numbers == expected,
+            "{prefix}{d}: not every message once, in order"
+        );
+    }
+}
