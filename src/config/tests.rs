@@ -1,0 +1,112 @@
+//! Configuration loading: precedence, errors, secrets.
+use super::*;
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
+    let p = dir.path().join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn the_embedded_default_loads_and_matches_the_struct_defaults() {
+    let cfg = Config::load_with(&Source::Embedded, &[], None).unwrap();
+    let defaults = Config::default();
+    assert_eq!(
+        cfg.to_toml(),
+        defaults.to_toml(),
+        "config/gateway.toml drifted from the Default impls"
+    );
+    assert_eq!(cfg.mqtt.port, 1883);
+    assert!(!cfg.golioth.enabled && !cfg.netneural.enabled);
+}
+
+#[test]
+fn environment_overrides_file_which_overrides_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        "g.toml",
+        "[mqtt]\nport = 1884\nclient_id = \"from-file\"\n",
+    );
+    let cfg = Config::load_with(
+        &Source::File(file),
+        &env(&[("NNGW_MQTT__PORT", "18830"), ("OTHER_MQTT__PORT", "1")]),
+        None,
+    )
+    .unwrap();
+    assert_eq!(cfg.mqtt.port, 18830, "environment beats file");
+    assert_eq!(cfg.mqtt.client_id, "from-file", "file beats default");
+    assert_eq!(cfg.mqtt.host, "127.0.0.1", "default fills the rest");
+}
+
+#[test]
+fn errors_name_the_file_the_key_and_the_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("[mqtt]\nprot = 1\n", "prot"),
+        ("[mqtt]\nport = \"many\"\n", "mqtt.port"),
+        ("[mqtt]\nport = 70000\n", "mqtt.port"),
+        (
+            "[gateway]\nshutdown_timeout = \"soon\"\n",
+            "gateway.shutdown_timeout",
+        ),
+        (
+            "[mqtt.topics]\nstate = \"devices/+/state\"\n",
+            "mqtt.topics.state",
+        ),
+        (
+            "[storage]\nsynchronous = \"sometimes\"\n",
+            "storage.synchronous",
+        ),
+        (
+            "[golioth]\nenabled = true\nproject_id = \"p\"\n",
+            "golioth.api_key_file",
+        ),
+    ];
+    for (text, key) in cases {
+        let file = write(&dir, "bad.toml", text);
+        let err = Config::load_with(&Source::File(file.clone()), &[], None).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&file.display().to_string()),
+            "{msg} should name the file"
+        );
+        assert!(msg.contains(key), "{msg} should name {key}");
+    }
+}
+
+#[test]
+fn secrets_come_from_files_or_credentials_and_never_print() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = tempfile::tempdir().unwrap();
+    std::fs::write(creds.path().join("golioth-api-key"), "gol-SECRET-1\n").unwrap();
+    let key_file = write(&dir, "nn.key", "nn-SECRET-2\n");
+    let file = write(
+        &dir,
+        "g.toml",
+        &format!(
+            "[golioth]\nenabled = true\nproject_id = \"p\"\n[netneural]\nenabled = true\n\
+             url = \"https://x.supabase.co\"\napi_key_file = {:?}\n",
+            key_file.display().to_string()
+        ),
+    );
+    let cfg = Config::load_with(&Source::File(file), &[], Some(creds.path())).unwrap();
+    assert_eq!(
+        cfg.golioth.api_key.as_ref().unwrap().expose(),
+        "gol-SECRET-1"
+    );
+    assert_eq!(
+        cfg.netneural.api_key.as_ref().unwrap().expose(),
+        "nn-SECRET-2"
+    );
+    let shown = format!("{}\n{:?}", cfg.to_toml(), cfg);
+    assert!(!shown.contains("SECRET"), "a secret leaked: {shown}");
+    assert!(shown.contains("<redacted>"));
+}
