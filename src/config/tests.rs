@@ -110,3 +110,14 @@ fn secrets_come_from_files_or_credentials_and_never_print() {
     assert!(!shown.contains("SECRET"), "a secret leaked: {shown}");
     assert!(shown.contains("<redacted>"));
 }
+
+#[test]
+fn a_reload_names_the_sections_that_need_a_restart() {
+    let old = Config::default();
+    let mut new = Config::default();
+    new.log.level = "debug".into();
+    assert!(old.restart_needed(&new).is_empty(), "log reloads live");
+    new.mqtt.port = 1884;
+    new.coap.max_concurrent = 8;
+    assert_eq!(old.restart_needed(&new), ["mqtt", "coap"]);
+}
