@@ -82,6 +82,12 @@ impl Downlink {
             }
         }
         if let Some(mqtt) = &self.mqtt {
+            if !mqtt.is_connected() {
+                // Nothing reaches the broker now; after the reconnect everything unacknowledged
+                // is published again at once.
+                handed.clear();
+                return Ok(());
+            }
             let now = Instant::now();
             for doc in self.store.call(|db| db.desired_unpublished(PAGE)).await? {
                 let recent = handed.get(&doc.device).is_some_and(|(seq, at)| {
@@ -90,8 +96,9 @@ impl Downlink {
                 if recent {
                     continue;
                 }
-                if mqtt.publish_desired(&doc).await.is_err() {
-                    return Ok(()); // MQTT task stopped: shutting down.
+                if let Err(e) = mqtt.publish_desired(&doc) {
+                    tracing::debug!(error = %e, "MQTT request queue busy; publishing the rest at the next pass");
+                    break;
                 }
                 tracing::debug!(device = %doc.device, seq = doc.seq, "desired state handed to the broker");
                 handed.insert(doc.device.clone(), (doc.seq, now));

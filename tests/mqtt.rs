@@ -239,3 +239,52 @@ async fn shutdown_mid_stream_loses_nothing_and_stores_nothing_twice() {
     );
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desired_edits_made_while_the_broker_is_down_are_published_when_it_comes_up() {
+    let port = support::free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(config(dir.path(), port, "gw-late-broker")).await;
+    for d in 0..3 {
+        nn_gateway::cli::set_desired(&gw.db, &format!("late-{d}"), &format!(r#"{{"d":{d}}}"#))
+            .unwrap();
+    }
+    // Several downlink passes find no broker.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let unpublished = Db::open_readonly(&gw.db)
+        .unwrap()
+        .status()
+        .unwrap()
+        .desired_unpublished;
+    assert_eq!(unpublished, 3);
+
+    let broker = Mosquitto::start_on(port);
+    wait_for(&gw.db, Duration::from_secs(15), |db| {
+        db.status().ok().filter(|s| s.desired_unpublished == 0)
+    })
+    .await;
+    let mut dev = Device::connect(broker.port, "late-reader").await;
+    dev.client
+        .subscribe("devices/+/desired", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let msg = tokio::time::timeout(WAIT, dev.events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(msg.retain);
+        seen.push(msg.topic);
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            "devices/late-0/desired",
+            "devices/late-1/desired",
+            "devices/late-2/desired"
+        ]
+    );
+    gw.stop().await;
+}

@@ -83,30 +83,44 @@ pub struct Published {
 pub struct MqttHandle {
     client: AsyncClient,
     desired: Template,
-    /// Desired publishes handed to rumqttc, oldest first, not yet given a packet id.
+    /// Desired publishes handed to rumqttc, oldest first, not yet given a packet id. The
+    /// driver matches them, in order, to the ids rumqttc reports; it forgets them all whenever
+    /// the connection drops, because rumqttc may then discard queued publishes and a wrong
+    /// match would record the wrong document as delivered, while a forgotten one is only
+    /// published again.
     awaiting_pkid: Arc<Mutex<VecDeque<Published>>>,
+    health: Health,
 }
 
 impl MqttHandle {
-    /// Publishes a desired document retained at QoS 1 on the device's desired topic. The
-    /// broker's acknowledgement arrives later on the `published` channel given to [`spawn`].
+    /// Publishes a desired document retained at QoS 1 on the device's desired topic, without
+    /// waiting. The broker's acknowledgement arrives later on the `published` channel given to
+    /// [`spawn`]; a publish that never gets one is simply published again by the downlink
+    /// (retained, so a repeat is harmless).
     ///
     /// # Errors
-    /// When the MQTT task has stopped.
-    pub async fn publish_desired(&self, doc: &DesiredDoc) -> Result<(), rumqttc::ClientError> {
+    /// When rumqttc's request queue is full (try again later) or the MQTT task has stopped.
+    pub fn publish_desired(&self, doc: &DesiredDoc) -> Result<(), rumqttc::ClientError> {
         let topic = self.desired.topic(doc.device.as_str());
         let payload = serde_json::to_vec(&doc.doc).unwrap_or_default();
         // Registered before the request so the driver sees it when rumqttc assigns the id.
-        self.awaiting_pkid
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(Published {
-                device: doc.device.clone(),
-                seq: doc.seq,
-            });
-        self.client
-            .publish(topic, QoS::AtLeastOnce, true, payload)
-            .await
+        let mut awaiting = self.awaiting_pkid.lock().unwrap_or_else(|p| p.into_inner());
+        awaiting.push_back(Published {
+            device: doc.device.clone(),
+            seq: doc.seq,
+        });
+        let sent = self
+            .client
+            .try_publish(topic, QoS::AtLeastOnce, true, payload);
+        if sent.is_err() {
+            awaiting.pop_back();
+        }
+        sent
+    }
+
+    /// Whether the broker connection is up (publishing while it is down only fills a queue).
+    pub fn is_connected(&self) -> bool {
+        self.health.mqtt() == LinkState::Connected
     }
 }
 
@@ -151,6 +165,7 @@ pub fn spawn(
         client: client.clone(),
         desired,
         awaiting_pkid: Arc::default(),
+        health: links.health.clone(),
     };
     let driver = Driver {
         eventloop,
@@ -221,6 +236,10 @@ impl Driver {
             };
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    if !ack.session_present {
+                        // rumqttc dropped what it had pending from the old session.
+                        self.forget_desired_publishes();
+                    }
                     connected = true;
                     failures = 0;
                     self.backoff.reset();
@@ -365,7 +384,18 @@ impl Driver {
     fn new_generation(&mut self) {
         self.generation += 1;
         self.ready.clear();
+        self.forget_desired_publishes();
         self.health.set_mqtt(LinkState::Down);
+    }
+
+    /// Forgets which desired publishes await a broker acknowledgement (see
+    /// [`MqttHandle::awaiting_pkid`]); the downlink publishes them again.
+    fn forget_desired_publishes(&mut self) {
+        self.awaiting_pkid
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.in_flight.clear();
     }
 
     /// Waits the next backoff delay (or until shutdown).

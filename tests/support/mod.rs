@@ -36,45 +36,56 @@ impl Mosquitto {
     /// `max_inflight_messages 20`) silently drop messages for a subscriber that is behind or
     /// offline.
     pub fn start() -> Mosquitto {
-        let dir = tempfile::tempdir().unwrap();
         for _ in 0..5 {
-            let port = free_port();
-            let conf = dir.path().join("mosquitto.conf");
-            std::fs::write(
-                &conf,
-                format!(
-                    "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                     max_queued_messages 1000000\nmax_inflight_messages 1000\nlog_dest stderr\nlog_type error\n"
-                ),
-            )
-            .unwrap();
-            let mut child = Command::new("mosquitto")
-                .arg("-c")
-                .arg(&conf)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect(
-                    "mosquitto must be installed (apt-get install mosquitto); .ci/run installs it",
-                );
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Mosquitto {
-                        port,
-                        child,
-                        _dir: dir,
-                    };
-                }
-                if child.try_wait().unwrap().is_some() {
-                    break; // Port taken meanwhile: try another.
-                }
-                std::thread::sleep(Duration::from_millis(20));
+            if let Some(m) = Mosquitto::try_start_on(free_port()) {
+                return m;
             }
-            let _ = child.kill();
-            let _ = child.wait();
         }
         panic!("mosquitto did not start");
+    }
+
+    /// Starts a broker on a port chosen earlier (for a gateway started before its broker).
+    pub fn start_on(port: u16) -> Mosquitto {
+        Mosquitto::try_start_on(port).expect("mosquitto did not start")
+    }
+
+    fn try_start_on(port: u16) -> Option<Mosquitto> {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                 max_queued_messages 1000000\nmax_inflight_messages 1000\nlog_dest stderr\nlog_type error\n"
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect(
+                "mosquitto must be installed (apt-get install mosquitto); .ci/test installs it",
+            );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(Mosquitto {
+                    port,
+                    child,
+                    _dir: dir,
+                });
+            }
+            if child.try_wait().unwrap().is_some() {
+                return None; // Port taken meanwhile.
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
     }
 }
 
