@@ -109,11 +109,9 @@ pub async fn run(
     let (published_tx, published_rx) = mpsc::channel(PUBLISHED_QUEUE);
     let mqtt = if config.mqtt.enabled {
         health.set_mqtt(LinkState::Down);
-        let password = config.mqtt_password("configuration")?;
         Some(
             crate::mqtt::spawn(
                 &config.mqtt,
-                password,
                 crate::mqtt::Links {
                     store: store.clone(),
                     health: health.clone(),

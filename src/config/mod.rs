@@ -105,6 +105,9 @@ pub struct MqttConfig {
     pub username: Option<String>,
     /// File holding the broker password (first line); or credential `mqtt-password`.
     pub password_file: Option<PathBuf>,
+    /// Read from `password_file` or the credential at load time.
+    #[serde(skip_deserializing)]
+    pub password: Option<Secret>,
     #[serde(with = "humantime_serde")]
     pub keep_alive: Duration,
     /// First reconnect delay; doubles up to `reconnect_max`, with full jitter.
@@ -126,6 +129,7 @@ impl Default for MqttConfig {
             client_id: "nn-gateway".into(),
             username: None,
             password_file: None,
+            password: None,
             keep_alive: Duration::from_secs(30),
             reconnect_min: Duration::from_millis(500),
             reconnect_max: Duration::from_secs(60),
@@ -443,6 +447,16 @@ impl Config {
     }
 
     fn read_secrets(&mut self, origin: &str, creds: Option<&Path>) -> Result<(), ConfigError> {
+        let credential = creds.is_some_and(|d| d.join("mqtt-password").is_file());
+        if self.mqtt.password_file.is_some() || credential {
+            self.mqtt.password = Some(read_secret(
+                origin,
+                "mqtt.password_file",
+                self.mqtt.password_file.as_deref(),
+                creds,
+                "mqtt-password",
+            )?);
+        }
         if self.golioth.enabled {
             self.golioth.api_key = Some(read_secret(
                 origin,
@@ -462,29 +476,6 @@ impl Config {
             )?);
         }
         Ok(())
-    }
-
-    /// The MQTT password, if the broker needs one.
-    ///
-    /// # Errors
-    /// When `mqtt.password_file` names a file that cannot be read.
-    pub fn mqtt_password(&self, origin: &str) -> Result<Option<Secret>, ConfigError> {
-        let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
-        if self.mqtt.password_file.is_none()
-            && !creds
-                .as_deref()
-                .is_some_and(|d| d.join("mqtt-password").is_file())
-        {
-            return Ok(None);
-        }
-        read_secret(
-            origin,
-            "mqtt.password_file",
-            self.mqtt.password_file.as_deref(),
-            creds.as_deref(),
-            "mqtt-password",
-        )
-        .map(Some)
     }
 
     /// The sections (other than `log`, which reloads live) that differ in `new`: they take

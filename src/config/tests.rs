@@ -87,6 +87,7 @@ fn secrets_come_from_files_or_credentials_and_never_print() {
     let dir = tempfile::tempdir().unwrap();
     let creds = tempfile::tempdir().unwrap();
     std::fs::write(creds.path().join("golioth-api-key"), "gol-SECRET-1\n").unwrap();
+    std::fs::write(creds.path().join("mqtt-password"), "mqtt-SECRET-3\n").unwrap();
     let key_file = write(&dir, "nn.key", "nn-SECRET-2\n");
     let file = write(
         &dir,

@@ -47,7 +47,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::backoff::Backoff;
-use crate::config::{MqttConfig, Secret};
+use crate::config::MqttConfig;
 use crate::health::{Health, LinkState};
 use crate::model::{DeviceKey, UnixMillis};
 use crate::store::{DesiredDoc, Outcome, PendingWrite, Store, WriteOp};
@@ -140,12 +140,7 @@ pub struct Links {
 ///
 /// # Errors
 /// When a topic template is unusable (configuration validation refuses those first).
-pub fn spawn(
-    cfg: &MqttConfig,
-    password: Option<Secret>,
-    links: Links,
-    tracker: &TaskTracker,
-) -> Result<MqttHandle, String> {
+pub fn spawn(cfg: &MqttConfig, links: Links, tracker: &TaskTracker) -> Result<MqttHandle, String> {
     let router = Router::new(&cfg.topics, cfg.max_message_size)?;
     let desired = Template::parse(&cfg.topics.desired)?;
     let mut opts = MqttOptions::new(cfg.client_id.clone(), cfg.host.clone(), cfg.port);
@@ -157,7 +152,10 @@ pub fn spawn(
     if let Some(user) = &cfg.username {
         opts.set_credentials(
             user.clone(),
-            password.map(|p| p.expose().to_owned()).unwrap_or_default(),
+            cfg.password
+                .as_ref()
+                .map(|p| p.expose().to_owned())
+                .unwrap_or_default(),
         );
     }
     let (client, eventloop) = AsyncClient::new(opts, REQUEST_QUEUE);
