@@ -166,7 +166,7 @@ pub enum Reading {
 ///
 /// After a reconnect with a persistent session the broker resends every QoS 1 message we did
 /// not acknowledge, with its original packet id and the DUP flag set. If a message with that
-/// packet id and the same digest was stored in the last [`crate::store::DEDUP_WINDOW`], the
+/// packet id and the same digest was stored among the last [`crate::store::DEDUP_SPAN`] deliveries, the
 /// redelivery is acknowledged without being stored again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MqttDelivery {

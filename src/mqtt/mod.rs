@@ -17,7 +17,7 @@
 //! but unacknowledged messages is redelivered after a crash.
 //!
 //! Redeliveries carry DUP and their original packet id; the store recognises one whose content
-//! it already holds ([`crate::store::DEDUP_WINDOW`]) and it is acknowledged without being
+//! it already holds ([`crate::store::DEDUP_SPAN`]) and it is acknowledged without being
 //! stored twice.
 //!
 //! If a commit fails (a full disk), that message is not acknowledged and the connection is

@@ -24,9 +24,12 @@ const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_init.sql")];
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
-/// A redelivery is recognised only if its first delivery was stored this recently; older
-/// records may belong to an earlier message that happened to reuse the packet id.
-pub const DEDUP_WINDOW: Duration = Duration::from_secs(3600);
+/// A redelivery is recognised only if its first delivery is among the last this many MQTT
+/// messages stored. Counted in messages, not time, so a clock step (a board without a real-time
+/// clock meeting NTP) cannot change the answer. Well above the most messages that can be stored
+/// but not yet acknowledged (the MQTT task's window of 2,000), far below the 65,535 deliveries
+/// after which a broker that counts packet ids up reuses one.
+pub const DEDUP_SPAN: i64 = 8192;
 
 /// How a write went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,6 +65,8 @@ pub struct Db {
     rejected_keep: u32,
     /// Random per database, prefix of telemetry idempotency keys.
     install_id: String,
+    /// Counts MQTT deliveries recorded in `mqtt_inbound` (see [`DEDUP_SPAN`]).
+    mqtt_seq: i64,
 }
 
 impl Db {
@@ -105,9 +110,15 @@ impl Db {
             targets: opts.targets.clone(),
             rejected_keep: opts.rejected_keep,
             install_id: String::new(),
+            mqtt_seq: 0,
         };
         db.migrate(found)?;
         db.install_id = db.meta("install_id")?.unwrap_or_default();
+        db.mqtt_seq =
+            db.conn
+                .query_row("SELECT coalesce(max(seq), 0) FROM mqtt_inbound", [], |r| {
+                    r.get(0)
+                })?;
         Ok(db)
     }
 
@@ -144,6 +155,7 @@ impl Db {
             targets: Vec::new(),
             rejected_keep: 0,
             install_id: String::new(),
+            mqtt_seq: 0,
         };
         db.install_id = db.meta("install_id")?.unwrap_or_default();
         Ok(db)
@@ -194,42 +206,126 @@ impl Db {
         &self.path
     }
 
-    /// Rows left "in flight" by a crash go back to "pending" (run once at start-up).
+    /// Rows left "in flight" by a crash go back to "pending" (run once at start-up). A reported
+    /// state row that has a newer pending row for the same cloud is dropped instead: the newer
+    /// one carries the whole document, and only one may be pending.
     pub fn requeue_in_flight(&mut self) -> Result<usize, StoreError> {
         let now = UnixMillis::now().0;
-        Ok(self.conn.execute(
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute(
+            "DELETE FROM outbox WHERE state = 'in_flight' AND operation = 'reported_state'
+               AND EXISTS (SELECT 1 FROM outbox p WHERE p.state = 'pending'
+                           AND p.operation = 'reported_state'
+                           AND p.target = outbox.target AND p.device_id = outbox.device_id)",
+            [],
+        )?;
+        let requeued = tx.execute(
             "UPDATE outbox SET state = 'pending', updated_at = ?1 WHERE state = 'in_flight'",
             [now],
-        )?)
+        )?;
+        tx.commit()?;
+        Ok(requeued)
     }
 
     /// Applies a group of writes in one transaction.
     ///
-    /// If the group fails as a whole, each write is retried in a transaction of its own so one
-    /// poisonous message cannot fail the others; only the writes that fail alone get an error.
+    /// If the group fails as a whole, the writes are applied one by one, in order, to find the
+    /// one at fault. A write that fails alone for a reason a retry cannot cure (a constraint,
+    /// a value SQLite refuses) is recorded as a rejection instead, so one poisonous message
+    /// cannot block the queue. At the first write that fails for a reason that can pass (a full
+    /// disk, an I/O error, a lock) the rest are not tried: they fail too, so nothing behind a
+    /// failed write is stored before it and per-device order holds when the sender retries.
     ///
     /// # Errors
     /// Per write, the error that kept it from being stored.
     pub fn apply_batch(&mut self, ops: &[WriteOp]) -> Vec<Result<Outcome, StoreError>> {
-        let together = (|| {
-            let tx = self.conn.transaction()?;
-            let outcomes = ops
-                .iter()
-                .map(|op| apply_one(&tx, op, &self.targets, &self.install_id))
-                .collect::<Result<Vec<_>, _>>()?;
-            trim_rejected(&tx, ops, self.rejected_keep)?;
-            tx.commit()?;
-            Ok::<_, rusqlite::Error>(outcomes)
-        })();
-        match together {
-            Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
-            Err(e) if ops.len() == 1 => vec![Err(e.into())],
-            Err(e) => {
-                tracing::warn!(error = %e, writes = ops.len(), "group commit failed; retrying writes one by one");
-                ops.iter()
-                    .map(|op| self.apply_batch(std::slice::from_ref(op)).remove(0))
-                    .collect()
+        let seq_before = self.mqtt_seq;
+        match self.apply_together(ops) {
+            Ok(outcomes) => return outcomes.into_iter().map(Ok).collect(),
+            Err(e) if ops.len() == 1 || is_transient(&e) => {
+                self.mqtt_seq = seq_before;
+                let first = StoreError::from(e);
+                let held = first.to_string();
+                let mut results = vec![Err(first)];
+                results.extend((1..ops.len()).map(|_| Err(StoreError::Held(held.clone()))));
+                if ops.len() == 1 {
+                    return self.retry_as_rejection(&ops[0], results.remove(0));
+                }
+                return results;
             }
+            Err(e) => {
+                self.mqtt_seq = seq_before;
+                tracing::warn!(error = %e, writes = ops.len(), "group commit failed; finding the write at fault");
+            }
+        }
+        let mut results = Vec::with_capacity(ops.len());
+        for (i, op) in ops.iter().enumerate() {
+            let result = self.apply_batch(std::slice::from_ref(op)).remove(0);
+            let stop = result.is_err();
+            results.push(result);
+            if stop {
+                let held = results[i]
+                    .as_ref()
+                    .err()
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
+                results.extend((i + 1..ops.len()).map(|_| Err(StoreError::Held(held.clone()))));
+                break;
+            }
+        }
+        results
+    }
+
+    fn apply_together(&mut self, ops: &[WriteOp]) -> rusqlite::Result<Vec<Outcome>> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut ctx = Writer {
+            targets: &self.targets,
+            install_id: &self.install_id,
+            mqtt_seq: &mut self.mqtt_seq,
+        };
+        let outcomes = ops
+            .iter()
+            .map(|op| ctx.apply(&tx, op))
+            .collect::<Result<Vec<_>, _>>()?;
+        trim_rejected(&tx, ops, self.rejected_keep)?;
+        tx.commit()?;
+        Ok(outcomes)
+    }
+
+    /// A single write failed for a lasting reason: keep it as a rejection so it is visible and
+    /// acknowledged instead of being retried forever.
+    fn retry_as_rejection(
+        &mut self,
+        op: &WriteOp,
+        failed: Result<Outcome, StoreError>,
+    ) -> Vec<Result<Outcome, StoreError>> {
+        let Err(StoreError::Sqlite(e)) = &failed else {
+            return vec![failed];
+        };
+        if is_transient(e) {
+            return vec![failed];
+        }
+        let WriteOp::Ingest(msg) = op else {
+            return vec![failed];
+        };
+        tracing::error!(device = %msg.device, error = %e, "message cannot be stored; kept as rejected");
+        let rejection = WriteOp::Reject(Rejection {
+            origin: msg.origin,
+            device: Some(msg.device.to_string()),
+            locator: format!("{} message", msg.origin.as_str()),
+            reason: format!("cannot be stored: {e}"),
+            size: 0,
+            excerpt: Vec::new(),
+            received_at: msg.received_at,
+            mqtt: msg.mqtt,
+        });
+        match self.apply_together(std::slice::from_ref(&rejection)) {
+            Ok(mut outcomes) => vec![Ok(outcomes.remove(0))],
+            Err(_) => vec![failed],
         }
     }
 
@@ -242,7 +338,11 @@ impl Db {
         by: Origin,
     ) -> Result<DesiredDoc, StoreError> {
         let now = UnixMillis::now().0;
-        let tx = self.conn.transaction()?;
+        // IMMEDIATE: take the write lock before reading, so a commit by the daemon in between
+        // cannot turn this into SQLITE_BUSY_SNAPSHOT (which the busy timeout does not cover).
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let (device_id, _) = upsert_device(&tx, device, by, now, false)?;
         let seq: i64 = tx.query_row(
             "SELECT coalesce(max(seq), 0) + 1 FROM desired_state",
@@ -497,36 +597,69 @@ fn upsert_device(
     Ok((tx.last_insert_rowid(), true))
 }
 
-/// True when this delivery is the broker resending a message already stored. Records the
-/// delivery either way.
-fn is_redelivery(tx: &Transaction<'_>, d: &MqttDelivery, now: i64) -> rusqlite::Result<bool> {
-    // The digest is stored as the i64 with the same bits.
-    let digest = d.digest as i64;
-    let seen = if d.dup {
-        let since = now - DEDUP_WINDOW.as_millis() as i64;
-        tx.prepare_cached(
-            "SELECT 1 FROM mqtt_inbound WHERE pkid = ?1 AND digest = ?2 AND received_at >= ?3",
-        )?
-        .query_row(params![d.pkid, digest, since], |_| Ok(()))
-        .optional()?
-        .is_some()
-    } else {
-        false
-    };
-    if seen {
-        tx.prepare_cached(
-            "INSERT INTO meta(key, value) VALUES ('redeliveries_total', '1')
-             ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1",
-        )?
-        .execute([])?;
-    } else {
-        tx.prepare_cached(
-            "INSERT INTO mqtt_inbound(pkid, digest, received_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT(pkid) DO UPDATE SET digest = excluded.digest, received_at = excluded.received_at",
-        )?
-        .execute(params![d.pkid, digest, now])?;
+/// Whether a failure can pass with time (a full disk, I/O, a lock), as opposed to one the
+/// same write will meet again.
+fn is_transient(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode as C;
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if matches!(
+        f.code,
+        C::DiskFull | C::SystemIoFailure | C::DatabaseBusy | C::DatabaseLocked | C::CannotOpen
+            | C::ReadOnly | C::OutOfMemory | C::FileLockingProtocolFailed | C::OperationInterrupted
+    ))
+}
+
+/// Everything a write needs besides the transaction.
+struct Writer<'a> {
+    targets: &'a [Target],
+    install_id: &'a str,
+    mqtt_seq: &'a mut i64,
+}
+
+impl Writer<'_> {
+    fn apply(&mut self, tx: &Transaction<'_>, op: &WriteOp) -> rusqlite::Result<Outcome> {
+        let delivery = match op {
+            WriteOp::Ingest(msg) => msg.mqtt.as_ref(),
+            WriteOp::Reject(rej) => rej.mqtt.as_ref(),
+        };
+        if let Some(d) = delivery
+            && self.is_redelivery(tx, d)?
+        {
+            return Ok(Outcome::Duplicate);
+        }
+        apply_one(tx, op, self.targets, self.install_id)
     }
-    Ok(seen)
+
+    /// True when this delivery is the broker resending a message already stored. Records the
+    /// delivery otherwise.
+    fn is_redelivery(&mut self, tx: &Transaction<'_>, d: &MqttDelivery) -> rusqlite::Result<bool> {
+        // The digest is stored as the i64 with the same bits.
+        let digest = d.digest as i64;
+        let seen = d.dup
+            && tx
+                .prepare_cached(
+                    "SELECT 1 FROM mqtt_inbound WHERE pkid = ?1 AND digest = ?2 AND seq > ?3",
+                )?
+                .query_row(params![d.pkid, digest, *self.mqtt_seq - DEDUP_SPAN], |_| {
+                    Ok(())
+                })
+                .optional()?
+                .is_some();
+        if seen {
+            tx.prepare_cached(
+                "INSERT INTO meta(key, value) VALUES ('redeliveries_total', '1')
+                 ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1",
+            )?
+            .execute([])?;
+        } else {
+            *self.mqtt_seq += 1;
+            tx.prepare_cached(
+                "INSERT INTO mqtt_inbound(pkid, digest, seq) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(pkid) DO UPDATE SET digest = excluded.digest, seq = excluded.seq",
+            )?
+            .execute(params![d.pkid, digest, *self.mqtt_seq])?;
+        }
+        Ok(seen)
+    }
 }
 
 fn apply_one(
@@ -536,20 +669,8 @@ fn apply_one(
     install_id: &str,
 ) -> rusqlite::Result<Outcome> {
     match op {
-        WriteOp::Ingest(msg) => {
-            if let Some(d) = &msg.mqtt
-                && is_redelivery(tx, d, msg.received_at.0)?
-            {
-                return Ok(Outcome::Duplicate);
-            }
-            ingest(tx, msg, targets, install_id)
-        }
+        WriteOp::Ingest(msg) => ingest(tx, msg, targets, install_id),
         WriteOp::Reject(rej) => {
-            if let Some(d) = &rej.mqtt
-                && is_redelivery(tx, d, rej.received_at.0)?
-            {
-                return Ok(Outcome::Duplicate);
-            }
             let excerpt = &rej.excerpt[..rej.excerpt.len().min(REJECTED_EXCERPT_LEN)];
             tx.prepare_cached(
                 "INSERT INTO rejected(received_at, origin, device, locator, reason, size, excerpt)

@@ -22,7 +22,7 @@ use std::thread;
 
 use tokio::sync::{mpsc, oneshot};
 
-pub use db::{DEDUP_WINDOW, Db, OpenOptions, Outcome, SCHEMA_VERSION, WriteOp};
+pub use db::{DEDUP_SPAN, Db, OpenOptions, Outcome, SCHEMA_VERSION, WriteOp};
 pub use views::{DesiredDoc, DeviceView, RejectedView, Status};
 
 /// Most writes committed in one transaction. Large enough that one fsync (with
@@ -58,6 +58,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the store is closed")]
     Closed,
+    #[error("not stored, held back behind an earlier write that failed ({0}); it will be retried")]
+    Held(String),
 }
 
 impl StoreError {
@@ -235,12 +237,12 @@ fn run(mut db: Db, mut rx: mpsc::Receiver<Job>, healthy: Arc<AtomicBool>) {
                 }
                 let (ops, replies): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
                 let results = db.apply_batch(&ops);
-                let ok = results.iter().all(Result::is_ok);
-                healthy.store(ok, Ordering::Relaxed);
+                let failed = results.iter().filter(|r| r.is_err()).count();
+                healthy.store(failed == 0, Ordering::Relaxed);
+                if let Some(Err(first)) = results.iter().find(|r| r.is_err()) {
+                    tracing::error!(writes = failed, error = %first, "writes not stored");
+                }
                 for (reply, result) in replies.into_iter().zip(results) {
-                    if let Err(e) = &result {
-                        tracing::error!(error = %e, "write not stored");
-                    }
                     let _ = reply.send(result);
                 }
             }

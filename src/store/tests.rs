@@ -182,15 +182,90 @@ fn one_poisonous_write_does_not_fail_the_rest_of_its_group() {
         state("poison", json!({}), None),
         telemetry("b", 1, None),
     ]);
-    assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
-    assert!(
-        results[1]
-            .as_ref()
-            .unwrap_err()
-            .to_string()
-            .contains("poisoned")
+    let outcomes: Vec<Outcome> = results.into_iter().map(Result::unwrap).collect();
+    assert_eq!(
+        outcomes[1],
+        Outcome::Rejected,
+        "kept as rejected, not retried forever"
     );
+    assert!(matches!(outcomes[2], Outcome::Stored { .. }));
     assert_eq!(db.status().unwrap().devices, 2);
+    assert!(db.rejected(1).unwrap()[0].reason.contains("poisoned"));
+}
+
+#[test]
+fn a_full_disk_fails_the_whole_group_and_nothing_behind_it_is_stored_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut db = Db::open(&dir.path().join("g.db"), &opts(vec![])).unwrap();
+    db.apply_batch(&[telemetry("a", 0, None)]);
+    // A page limit stands in for a full disk: SQLite answers SQLITE_FULL either way.
+    let pages: i64 = db
+        .conn()
+        .query_row("PRAGMA page_count", [], |r| r.get(0))
+        .unwrap();
+    db.conn()
+        .pragma_update(None, "max_page_count", pages)
+        .unwrap();
+    let big = |n: i64| {
+        let mut op = telemetry("a", n, None);
+        if let WriteOp::Ingest(i) = &mut op
+            && let Reading::Telemetry(points) = &mut i.reading
+        {
+            points[0]
+                .data
+                .insert("pad".into(), json!("x".repeat(20_000)));
+        }
+        op
+    };
+    let results = db.apply_batch(&[telemetry("a", 1, None), big(2), telemetry("a", 3, None)]);
+    assert!(
+        results[0].as_ref().unwrap_err().is_disk_full(),
+        "{results:?}"
+    );
+    assert!(
+        matches!(results[2], Err(StoreError::Held(_))),
+        "{results:?}"
+    );
+    let key = DeviceKey::parse("a").unwrap();
+    assert_eq!(
+        db.telemetry_payloads(&key).unwrap(),
+        [json!({"n":0})],
+        "nothing partial"
+    );
+
+    // Room again: the same writes, retried in order, go through in order.
+    db.conn()
+        .pragma_update(None, "max_page_count", 1_000_000)
+        .unwrap();
+    for r in db.apply_batch(&[telemetry("a", 1, None), big(2), telemetry("a", 3, None)]) {
+        r.unwrap();
+    }
+    let ns: Vec<i64> = db
+        .telemetry_payloads(&key)
+        .unwrap()
+        .iter()
+        .map(|p| p["n"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ns, [0, 1, 2, 3]);
+}
+
+#[test]
+fn an_in_flight_state_row_superseded_by_a_newer_pending_one_is_dropped_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut db = Db::open(&dir.path().join("g.db"), &opts(vec![Target::Golioth])).unwrap();
+    db.apply_batch(&[state("a", json!({"v":1}), None)]);
+    // The sender took the row, then the device sent a newer state before the crash.
+    db.conn()
+        .execute("UPDATE outbox SET state = 'in_flight'", [])
+        .unwrap();
+    db.apply_batch(&[state("a", json!({"v":2}), None)]);
+    assert_eq!(db.requeue_in_flight().unwrap(), 0);
+    assert_eq!(outbox(&db), [("golioth".into(), "pending".into(), 1)]);
+    let payload: String = db
+        .conn()
+        .query_row("SELECT payload FROM outbox", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(payload, r#"{"v":2}"#);
 }
 
 #[test]
