@@ -27,7 +27,12 @@
 //! can interrupt a poll that is waiting on the network. rumqttc's read path only buffers, so
 //! nothing is lost there; an interrupted write (a socket too full to take it) can drop one
 //! outgoing packet, and each is recovered: a PUBACK by redelivery, a ping by reconnecting, a
-//! desired publish by the downlink's republish.
+//! desired publish by the downlink's republish (its rumqttc in-flight slot is freed at the next
+//! reconnect).
+//!
+//! **Backoff** grows with each failed or short-lived connection and resets only after one that
+//! lasted [`STABLE_AFTER`], so a broker that keeps dropping us, or a full disk that makes us
+//! drop the connection, cannot turn into a reconnect storm.
 //!
 //! Downlink: [`MqttHandle::publish_desired`] publishes a desired document retained at QoS 1;
 //! the driver matches the broker's PUBACK to it and reports it on the `published` channel so
@@ -67,6 +72,11 @@ pub const WINDOW: usize = 2 * crate::store::MAX_BATCH;
 
 /// Requests (desired publishes, subscribes, disconnect) waiting for the event loop.
 const REQUEST_QUEUE: usize = 1024;
+
+/// A connection that lasted this long counts as healthy: the next reconnect starts from
+/// `reconnect_min` again. Shorter ones (a broker that drops us at once, a full disk making us
+/// drop it) keep the delay growing, so a persistent fault cannot become a reconnect storm.
+const STABLE_AFTER: Duration = Duration::from_secs(30);
 
 /// Longest wait for the broker to take a batch of PUBACKs before the connection is dropped.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -177,7 +187,9 @@ pub fn spawn(cfg: &MqttConfig, links: Links, tracker: &TaskTracker) -> Result<Mq
         generation: 0,
         awaiting_pkid: handle.awaiting_pkid.clone(),
         in_flight: HashMap::new(),
+        resends: 0,
         published: links.published,
+        connected_at: None,
     };
     let span = tracing::info_span!("mqtt", broker = %format!("{}:{}", cfg.host, cfg.port));
     tracker.spawn(driver.run(links.shutdown, links.drain).instrument(span));
@@ -209,7 +221,11 @@ struct Driver {
     awaiting_pkid: Arc<Mutex<VecDeque<Published>>>,
     /// Our desired publishes the broker has not acknowledged, by packet id.
     in_flight: HashMap<u16, Published>,
+    /// Publishes of the last connection that rumqttc sends again before any new one.
+    resends: usize,
     published: mpsc::Sender<Published>,
+    /// When the current connection came up.
+    connected_at: Option<tokio::time::Instant>,
 }
 
 impl Driver {
@@ -240,7 +256,15 @@ impl Driver {
                     }
                     connected = true;
                     failures = 0;
-                    self.backoff.reset();
+                    self.connected_at = Some(tokio::time::Instant::now());
+                    // Publishes rumqttc kept from the last connection go out first, each with
+                    // an Outgoing::Publish event that belongs to no desired publish we track.
+                    self.resends = self
+                        .eventloop
+                        .pending
+                        .iter()
+                        .filter(|r| matches!(r, rumqttc::Request::Publish(_)))
+                        .count();
                     self.health.set_mqtt(LinkState::Connected);
                     tracing::info!(session_present = ack.session_present, "connected to broker");
                     for filter in &filters {
@@ -311,23 +335,33 @@ impl Driver {
     }
 
     /// Handles the oldest commit and every later one already answered. Returns false if a
-    /// write failed.
+    /// write failed (logged once for the lot).
     fn on_committed(&mut self, first: Result<Outcome, crate::store::StoreError>) -> bool {
         let Some(done) = self.unacked.pop_front() else {
             return true;
         };
-        let mut ok = self.note(&done, first);
+        let mut failed = Vec::new();
+        self.note(done, first, &mut failed);
         while let Some(next) = self.unacked.front_mut() {
             let Some(result) = next.write.try_take() else {
                 break;
             };
             let done = self.unacked.pop_front().expect("front exists");
-            ok &= self.note(&done, result);
+            self.note(done, result, &mut failed);
         }
-        ok
+        if let Some((topic, e)) = failed.first() {
+            tracing::error!(messages = failed.len(), first_topic = %topic, error = %e,
+                "messages not stored and not acknowledged; the broker will resend them");
+        }
+        failed.is_empty()
     }
 
-    fn note(&mut self, done: &Unacked, result: Result<Outcome, crate::store::StoreError>) -> bool {
+    fn note(
+        &mut self,
+        done: Unacked,
+        result: Result<Outcome, crate::store::StoreError>,
+        failed: &mut Vec<(String, crate::store::StoreError)>,
+    ) {
         match result {
             Ok(outcome) => {
                 if outcome == Outcome::Duplicate {
@@ -336,13 +370,8 @@ impl Driver {
                 if done.generation == self.generation {
                     self.ready.push(done.pkid);
                 }
-                true
             }
-            Err(e) => {
-                tracing::error!(topic = %done.topic, pkid = done.pkid, error = %e,
-                    "message not stored, not acknowledged; the broker will resend it");
-                false
-            }
+            Err(e) => failed.push((done.topic, e)),
         }
     }
 
@@ -355,18 +384,14 @@ impl Driver {
             self.ready.clear(); // Disconnected: the broker will redeliver them.
             return;
         };
-        let mut result = Ok(());
-        for pkid in self.ready.drain(..) {
-            result = network.write(Packet::PubAck(PubAck::new(pkid))).await;
-            if result.is_err() {
-                break;
+        let pkids = std::mem::take(&mut self.ready);
+        let write_all = async {
+            for pkid in pkids {
+                network.write(Packet::PubAck(PubAck::new(pkid))).await?;
             }
-        }
-        let flushed = match result {
-            Ok(()) => tokio::time::timeout(FLUSH_TIMEOUT, network.flush()).await,
-            Err(e) => Ok(Err(e)),
+            network.flush().await
         };
-        match flushed {
+        match tokio::time::timeout(FLUSH_TIMEOUT, write_all).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => self.drop_connection(&format!("cannot send acknowledgements: {e}")),
             Err(_) => self.drop_connection("broker did not take acknowledgements in time"),
@@ -398,6 +423,13 @@ impl Driver {
 
     /// Waits the next backoff delay (or until shutdown).
     async fn pause(&mut self, shutdown: &CancellationToken) {
+        if self
+            .connected_at
+            .take()
+            .is_some_and(|at| at.elapsed() >= STABLE_AFTER)
+        {
+            self.backoff.reset();
+        }
         let delay = self.backoff.next_delay();
         tracing::debug!(?delay, attempt = self.backoff.attempts(), "reconnect delay");
         tokio::select! {
@@ -407,8 +439,9 @@ impl Driver {
     }
 
     fn on_outgoing_publish(&mut self, pkid: u16) {
-        if self.in_flight.contains_key(&pkid) {
-            return; // A resend after reconnect.
+        if self.resends > 0 {
+            self.resends -= 1;
+            return; // A publish of the last connection, sent again.
         }
         let next = self
             .awaiting_pkid
@@ -449,6 +482,11 @@ impl Driver {
             }
         }
         self.send_acks().await;
+        if self.eventloop.network.is_none() {
+            // Not connected: polling would connect just to say goodbye.
+            self.health.set_mqtt(LinkState::Down);
+            return;
+        }
         let _ = self.client.try_disconnect();
         let flush = tokio::time::Instant::now() + Duration::from_secs(1);
         while let Ok(Ok(event)) = tokio::time::timeout_at(flush, self.eventloop.poll()).await {
