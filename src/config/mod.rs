@@ -349,7 +349,6 @@ impl Config {
         let environment = config::Environment::with_prefix(ENV_PREFIX)
             .prefix_separator("_")
             .separator("__")
-            .try_parsing(true)
             .source(Some(env_map));
         let mut cfg: Config = config::Config::builder()
             .add_source(file)
@@ -409,6 +408,25 @@ impl Config {
                 "mqtt.reconnect_min",
                 humantime::format_duration(self.mqtt.reconnect_min),
                 "must be above zero and at most mqtt.reconnect_max",
+            ));
+        }
+        let keep_alive = self.mqtt.keep_alive;
+        if keep_alive < Duration::from_secs(1)
+            || keep_alive > Duration::from_secs(u64::from(u16::MAX))
+        {
+            return Err(ConfigError::at(
+                origin,
+                "mqtt.keep_alive",
+                humantime::format_duration(keep_alive),
+                "must be between 1s and 65535s (MQTT counts it in whole seconds; 0 would never notice a dead connection)",
+            ));
+        }
+        if self.mqtt.max_message_size > crate::mqtt::MAX_WIRE_PACKET {
+            return Err(ConfigError::at(
+                origin,
+                "mqtt.max_message_size",
+                self.mqtt.max_message_size,
+                &format!("must be at most {} bytes", crate::mqtt::MAX_WIRE_PACKET),
             ));
         }
         if self.coap.max_concurrent == 0 {

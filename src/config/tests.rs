@@ -65,6 +65,7 @@ fn errors_name_the_file_the_key_and_the_value() {
             "[storage]\nsynchronous = \"sometimes\"\n",
             "storage.synchronous",
         ),
+        ("[mqtt]\nkeep_alive = \"500ms\"\n", "mqtt.keep_alive"),
         (
             "[golioth]\nenabled = true\nproject_id = \"p\"\n",
             "golioth.api_key_file",
@@ -121,4 +122,24 @@ fn a_reload_names_the_sections_that_need_a_restart() {
     new.mqtt.port = 1884;
     new.coap.max_concurrent = 8;
     assert_eq!(old.restart_needed(&new), ["mqtt", "coap"]);
+}
+
+#[test]
+fn environment_strings_that_look_like_numbers_stay_strings() {
+    let cfg = Config::load_with(
+        &Source::Embedded,
+        &env(&[
+            ("NNGW_MQTT__CLIENT_ID", "0100"),
+            ("NNGW_STORAGE__PATH", "007"),
+            ("NNGW_MQTT__ENABLED", "false"),
+        ]),
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.mqtt.client_id, "0100",
+        "a changed client id would abandon the broker session"
+    );
+    assert_eq!(cfg.storage.path, PathBuf::from("007"));
+    assert!(!cfg.mqtt.enabled);
 }
