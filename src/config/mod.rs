@@ -253,7 +253,7 @@ impl Default for LogConfig {
     }
 }
 
-/// A credential. Its `Debug`, `Display` and `Serialize` never show the value.
+/// A credential. Its `Debug` and `Serialize` never show the value, and it has no `Display`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
 
