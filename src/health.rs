@@ -11,6 +11,8 @@ pub enum LinkState {
     Disabled,
     Down,
     Connected,
+    /// The peer answered and refused us (credentials, authorisation).
+    Refused,
 }
 
 impl LinkState {
@@ -19,6 +21,7 @@ impl LinkState {
             LinkState::Disabled => "disabled",
             LinkState::Down => "down",
             LinkState::Connected => "connected",
+            LinkState::Refused => "refused",
         }
     }
 
@@ -26,6 +29,7 @@ impl LinkState {
         match v {
             1 => LinkState::Down,
             2 => LinkState::Connected,
+            3 => LinkState::Refused,
             _ => LinkState::Disabled,
         }
     }

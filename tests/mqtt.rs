@@ -288,3 +288,66 @@ async fn desired_edits_made_while_the_broker_is_down_are_published_when_it_comes
     );
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_wants_a_password_gets_the_one_from_the_secret() {
+    let broker = Mosquitto::start_with_password("gateway", "pa55-word");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), broker.port, "gw-password");
+    cfg.mqtt.username = Some("gateway".into());
+    cfg.mqtt.password = Some(nn_gateway::config::Secret::new("pa55-word"));
+    let gw = Gateway::start(cfg).await;
+
+    let mut opts = rumqttc::MqttOptions::new("dev-password", "127.0.0.1", broker.port);
+    opts.set_credentials("gateway", "pa55-word");
+    let dev = Device::connect_with(opts).await;
+    wait_subscribed(&dev, &gw.db).await;
+    dev.publish("devices/locked-1/state", br#"{"ok":1}"#.to_vec())
+        .await;
+    wait_for(&gw.db, WAIT, |db| reported(db, "locked-1")).await;
+    gw.stop().await;
+}
+
+#[test]
+fn a_refused_password_is_reported_once_as_a_refusal_without_the_password() {
+    let broker = Mosquitto::start_with_password("gateway", "right-one");
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("mqtt-password");
+    std::fs::write(&secret, "wr0ng-pa55\n").unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_nn-gateway"))
+        .arg("run")
+        .envs([
+            (
+                "NNGW_STORAGE__PATH",
+                dir.path().join("g.db").to_str().unwrap(),
+            ),
+            ("NNGW_MQTT__PORT", &broker.port.to_string()),
+            ("NNGW_MQTT__USERNAME", "gateway"),
+            ("NNGW_MQTT__PASSWORD_FILE", secret.to_str().unwrap()),
+            ("NNGW_MQTT__RECONNECT_MIN", "10ms"),
+            ("NNGW_MQTT__RECONNECT_MAX", "50ms"),
+            ("NNGW_COAP__BIND", "127.0.0.1:0"),
+            ("NNGW_LOG__FORMAT", "text"),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let pid = child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        log.matches("broker refused the connection").count(),
+        1,
+        "{log}"
+    );
+    assert!(log.contains("mqtt.username"), "{log}");
+    assert!(!log.contains("wr0ng"), "the password leaked: {log}");
+}

@@ -232,7 +232,7 @@ impl Driver {
     async fn run(mut self, shutdown: CancellationToken, drain: Duration) {
         let filters = self.router.filters();
         let mut connected = false;
-        let mut failures: u32 = 0;
+        let mut last_problem: Option<Problem> = None;
         loop {
             self.send_acks().await;
             let read = self.unacked.len() < WINDOW;
@@ -255,7 +255,7 @@ impl Driver {
                         self.forget_desired_publishes();
                     }
                     connected = true;
-                    failures = 0;
+                    last_problem = None;
                     self.connected_at = Some(tokio::time::Instant::now());
                     // Publishes rumqttc kept from the last connection go out first, each with
                     // an Outgoing::Publish event that belongs to no desired publish we track.
@@ -291,14 +291,19 @@ impl Driver {
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => self.on_outgoing_publish(pkid),
                 Ok(_) => {}
                 Err(e) => {
+                    let problem = Problem::of(&e);
                     if connected {
                         tracing::warn!(error = %e, "lost broker connection; reconnecting with backoff");
-                    } else if failures == 0 {
-                        tracing::warn!(error = %e, "cannot reach broker; retrying with backoff (logged again on change)");
+                    } else if last_problem != Some(problem) {
+                        // Once per kind of failure, not once per attempt.
+                        tracing::warn!(error = %e, "{}; retrying with backoff (logged again on change)", problem.advice());
                     }
+                    last_problem = Some(problem);
                     connected = false;
-                    failures = failures.saturating_add(1);
                     self.new_generation();
+                    if problem == Problem::Refused {
+                        self.health.set_mqtt(LinkState::Refused);
+                    }
                     self.pause(&shutdown).await;
                 }
             }
@@ -496,6 +501,34 @@ impl Driver {
         }
         self.health.set_mqtt(LinkState::Down);
         tracing::info!("disconnected from broker");
+    }
+}
+
+/// Why a connection attempt failed, as far as it changes what an operator should do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Problem {
+    /// The broker answered and said no: credentials, ACL or client id.
+    Refused,
+    /// No answer, or the connection broke.
+    Unreachable,
+}
+
+impl Problem {
+    fn of(e: &rumqttc::ConnectionError) -> Problem {
+        match e {
+            rumqttc::ConnectionError::ConnectionRefused(_) => Problem::Refused,
+            _ => Problem::Unreachable,
+        }
+    }
+
+    fn advice(self) -> &'static str {
+        match self {
+            Problem::Refused => {
+                "broker refused the connection: check mqtt.username, mqtt.password_file (or \
+                 credential mqtt-password), mqtt.client_id and the broker's ACL"
+            }
+            Problem::Unreachable => "cannot reach broker",
+        }
     }
 }
 

@@ -36,9 +36,34 @@ impl Mosquitto {
     /// `max_inflight_messages 20`) silently drop messages for a subscriber that is behind or
     /// offline.
     pub fn start() -> Mosquitto {
+        Mosquitto::start_with(tempfile::tempdir().unwrap(), "allow_anonymous true\n")
+    }
+
+    /// Starts a broker that only lets in `user` with `password`.
+    pub fn start_with_password(user: &str, password: &str) -> Mosquitto {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("passwd");
+        let status = Command::new("mosquitto_passwd")
+            .args(["-b", "-c"])
+            .arg(&file)
+            .args([user, password])
+            .status()
+            .expect("mosquitto_passwd is installed with mosquitto");
+        assert!(status.success());
+        // Mosquitto started as root reads its files after dropping to its own user.
+        use std::os::unix::fs::PermissionsExt;
+        for path in [dir.path(), file.as_path()] {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let access = format!("allow_anonymous false\npassword_file {}\n", file.display());
+        Mosquitto::start_with(dir, &access)
+    }
+
+    fn start_with(mut dir: tempfile::TempDir, access: &str) -> Mosquitto {
         for _ in 0..5 {
-            if let Some(m) = Mosquitto::try_start_on(free_port()) {
-                return m;
+            match Mosquitto::try_start_on(free_port(), access, dir) {
+                Ok(m) => return m,
+                Err(back) => dir = back,
             }
         }
         panic!("mosquitto did not start");
@@ -46,16 +71,21 @@ impl Mosquitto {
 
     /// Starts a broker on a port chosen earlier (for a gateway started before its broker).
     pub fn start_on(port: u16) -> Mosquitto {
-        Mosquitto::try_start_on(port).expect("mosquitto did not start")
+        Mosquitto::try_start_on(port, "allow_anonymous true\n", tempfile::tempdir().unwrap())
+            .unwrap_or_else(|_| panic!("mosquitto did not start"))
     }
 
-    fn try_start_on(port: u16) -> Option<Mosquitto> {
-        let dir = tempfile::tempdir().unwrap();
+    /// Hands `dir` back when the port was taken meanwhile.
+    fn try_start_on(
+        port: u16,
+        access: &str,
+        dir: tempfile::TempDir,
+    ) -> Result<Mosquitto, tempfile::TempDir> {
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                "listener {port} 127.0.0.1\n{access}persistence false\n\
                  max_queued_messages 1000000\nmax_inflight_messages 1000\nlog_dest stderr\nlog_type error\n"
             ),
         )
@@ -72,20 +102,20 @@ impl Mosquitto {
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Some(Mosquitto {
+                return Ok(Mosquitto {
                     port,
                     child,
                     _dir: dir,
                 });
             }
             if child.try_wait().unwrap().is_some() {
-                return None; // Port taken meanwhile.
+                return Err(dir); // Port taken meanwhile.
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = child.kill();
         let _ = child.wait();
-        None
+        Err(dir)
     }
 }
 
@@ -183,7 +213,10 @@ pub struct Device {
 
 impl Device {
     pub async fn connect(port: u16, id: &str) -> Device {
-        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+        Device::connect_with(MqttOptions::new(id, "127.0.0.1", port)).await
+    }
+
+    pub async fn connect_with(mut opts: MqttOptions) -> Device {
         opts.set_keep_alive(Duration::from_secs(30))
             .set_inflight(200)
             .set_max_packet_size(1 << 22, 1 << 22);
