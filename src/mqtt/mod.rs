@@ -31,7 +31,7 @@
 //! reconnect).
 //!
 //! **Backoff** grows with each failed or short-lived connection and resets only after one that
-//! lasted [`STABLE_AFTER`], so a broker that keeps dropping us, or a full disk that makes us
+//! lasted `STABLE_AFTER` (30 s), so a broker that keeps dropping us, or a full disk that makes us
 //! drop the connection, cannot turn into a reconnect storm.
 //!
 //! Downlink: [`MqttHandle::publish_desired`] publishes a desired document retained at QoS 1;
@@ -76,7 +76,7 @@ const REQUEST_QUEUE: usize = 1024;
 /// A connection that lasted this long counts as healthy: the next reconnect starts from
 /// `reconnect_min` again. Shorter ones (a broker that drops us at once, a full disk making us
 /// drop it) keep the delay growing, so a persistent fault cannot become a reconnect storm.
-const STABLE_AFTER: Duration = Duration::from_secs(30);
+pub const STABLE_AFTER: Duration = Duration::from_secs(30);
 
 /// Longest wait for the broker to take a batch of PUBACKs before the connection is dropped.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);

@@ -6,48 +6,20 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde_json::Value;
 
 use super::StoreError;
 use super::views::{DesiredDoc, DeviceView, OutboxCount, RejectedView, Status};
+use super::write::{Outcome, WriteOp, Writer, is_transient, trim_rejected, upsert_device};
 use crate::config::Synchronous;
-use crate::ingest::merge_patch;
-use crate::model::{
-    DeviceKey, Inbound, MqttDelivery, Origin, REJECTED_EXCERPT_LEN, Reading, Rejection, Target,
-    UnixMillis,
-};
+use crate::model::{DeviceKey, Origin, Rejection, Target, UnixMillis};
 
 /// Migrations, in order; `PRAGMA user_version` counts how many are applied.
 const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_init.sql")];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
-
-/// A redelivery is recognised only if its first delivery is among the last this many MQTT
-/// messages stored. Counted in messages, not time, so a clock step (a board without a real-time
-/// clock meeting NTP) cannot change the answer. Well above the most messages that can be stored
-/// but not yet acknowledged (the MQTT task's window of 2,000), far below the 65,535 deliveries
-/// after which a broker that counts packet ids up reuses one.
-pub const DEDUP_SPAN: i64 = 8192;
-
-/// How a write went.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// Stored; `new_device` when this message created the device.
-    Stored { new_device: bool },
-    /// A redelivery of a message already stored: acknowledged, not stored again.
-    Duplicate,
-    /// Recorded in the rejected table.
-    Rejected,
-}
-
-/// One write in a group commit.
-#[derive(Clone, Debug)]
-pub enum WriteOp {
-    Ingest(Inbound),
-    Reject(Rejection),
-}
 
 /// Options fixed when the database is opened by the daemon.
 #[derive(Clone, Debug)]
@@ -552,7 +524,7 @@ fn user_version(conn: &Connection) -> rusqlite::Result<i64> {
     conn.query_row("PRAGMA user_version", [], |r| r.get(0))
 }
 
-fn parse_doc(text: &str) -> Value {
+pub(super) fn parse_doc(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or(Value::String(text.to_owned()))
 }
 
@@ -564,220 +536,4 @@ fn desired_doc(key: &str, doc: &str, version: i64, seq: i64) -> Result<DesiredDo
         version,
         seq,
     })
-}
-
-/// Finds or creates the device; `seen` also bumps `last_seen`. Returns (id, created).
-fn upsert_device(
-    tx: &Transaction<'_>,
-    device: &DeviceKey,
-    origin: Origin,
-    now: i64,
-    seen: bool,
-) -> rusqlite::Result<(i64, bool)> {
-    let existing: Option<i64> = tx
-        .prepare_cached("SELECT id FROM device WHERE key = ?1")?
-        .query_row([device.as_str()], |r| r.get(0))
-        .optional()?;
-    if let Some(id) = existing {
-        if seen {
-            tx.prepare_cached("UPDATE device SET last_seen = ?2, deleted_at = NULL WHERE id = ?1")?
-                .execute(params![id, now])?;
-        }
-        return Ok((id, false));
-    }
-    tx.prepare_cached(
-        "INSERT INTO device(key, origin, first_seen, last_seen) VALUES (?1, ?2, ?3, ?4)",
-    )?
-    .execute(params![
-        device.as_str(),
-        origin.as_str(),
-        now,
-        seen.then_some(now)
-    ])?;
-    Ok((tx.last_insert_rowid(), true))
-}
-
-/// Whether a failure can pass with time (a full disk, I/O, a lock), as opposed to one the
-/// same write will meet again.
-fn is_transient(e: &rusqlite::Error) -> bool {
-    use rusqlite::ErrorCode as C;
-    matches!(e, rusqlite::Error::SqliteFailure(f, _) if matches!(
-        f.code,
-        C::DiskFull | C::SystemIoFailure | C::DatabaseBusy | C::DatabaseLocked | C::CannotOpen
-            | C::ReadOnly | C::OutOfMemory | C::FileLockingProtocolFailed | C::OperationInterrupted
-    ))
-}
-
-/// Everything a write needs besides the transaction.
-struct Writer<'a> {
-    targets: &'a [Target],
-    install_id: &'a str,
-    mqtt_seq: &'a mut i64,
-}
-
-impl Writer<'_> {
-    fn apply(&mut self, tx: &Transaction<'_>, op: &WriteOp) -> rusqlite::Result<Outcome> {
-        let delivery = match op {
-            WriteOp::Ingest(msg) => msg.mqtt.as_ref(),
-            WriteOp::Reject(rej) => rej.mqtt.as_ref(),
-        };
-        if let Some(d) = delivery
-            && self.is_redelivery(tx, d)?
-        {
-            return Ok(Outcome::Duplicate);
-        }
-        apply_one(tx, op, self.targets, self.install_id)
-    }
-
-    /// True when this delivery is the broker resending a message already stored. Records the
-    /// delivery otherwise.
-    fn is_redelivery(&mut self, tx: &Transaction<'_>, d: &MqttDelivery) -> rusqlite::Result<bool> {
-        // The digest is stored as the i64 with the same bits.
-        let digest = d.digest as i64;
-        let seen = d.dup
-            && tx
-                .prepare_cached(
-                    "SELECT 1 FROM mqtt_inbound WHERE pkid = ?1 AND digest = ?2 AND seq > ?3",
-                )?
-                .query_row(params![d.pkid, digest, *self.mqtt_seq - DEDUP_SPAN], |_| {
-                    Ok(())
-                })
-                .optional()?
-                .is_some();
-        if seen {
-            tx.prepare_cached(
-                "INSERT INTO meta(key, value) VALUES ('redeliveries_total', '1')
-                 ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1",
-            )?
-            .execute([])?;
-        } else {
-            *self.mqtt_seq += 1;
-            tx.prepare_cached(
-                "INSERT INTO mqtt_inbound(pkid, digest, seq) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(pkid) DO UPDATE SET digest = excluded.digest, seq = excluded.seq",
-            )?
-            .execute(params![d.pkid, digest, *self.mqtt_seq])?;
-        }
-        Ok(seen)
-    }
-}
-
-fn apply_one(
-    tx: &Transaction<'_>,
-    op: &WriteOp,
-    targets: &[Target],
-    install_id: &str,
-) -> rusqlite::Result<Outcome> {
-    match op {
-        WriteOp::Ingest(msg) => ingest(tx, msg, targets, install_id),
-        WriteOp::Reject(rej) => {
-            let excerpt = &rej.excerpt[..rej.excerpt.len().min(REJECTED_EXCERPT_LEN)];
-            tx.prepare_cached(
-                "INSERT INTO rejected(received_at, origin, device, locator, reason, size, excerpt)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?
-            .execute(params![
-                rej.received_at.0,
-                rej.origin.as_str(),
-                rej.device,
-                rej.locator,
-                rej.reason,
-                rej.size as i64,
-                excerpt
-            ])?;
-            tx.prepare_cached(
-                "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'rejected_total'",
-            )?
-            .execute([])?;
-            Ok(Outcome::Rejected)
-        }
-    }
-}
-
-fn ingest(
-    tx: &Transaction<'_>,
-    msg: &Inbound,
-    targets: &[Target],
-    install_id: &str,
-) -> rusqlite::Result<Outcome> {
-    let now = msg.received_at.0;
-    let (device_id, new_device) = upsert_device(tx, &msg.device, msg.origin, now, true)?;
-    match &msg.reading {
-        Reading::State(patch) => {
-            let current: Option<(String, i64)> = tx
-                .prepare_cached("SELECT doc, version FROM reported_state WHERE device_id = ?1")?
-                .query_row([device_id], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?;
-            let (mut doc, version) = match current {
-                Some((text, v)) => (parse_doc(&text), v + 1),
-                None => (Value::Object(Default::default()), 1),
-            };
-            merge_patch(&mut doc, &Value::Object(patch.clone()));
-            let text = doc.to_string();
-            tx.prepare_cached(
-                "INSERT INTO reported_state(device_id, doc, version, updated_at) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT(device_id) DO UPDATE SET doc = excluded.doc, version = excluded.version,
-                     updated_at = excluded.updated_at",
-            )?
-            .execute(params![device_id, text, version, now])?;
-            for target in targets {
-                // Coalesce: a pending row for this device and cloud takes the newest document.
-                tx.prepare_cached(
-                    "INSERT INTO outbox(target, operation, device_id, payload, idempotency_key,
-                                        next_attempt_at, created_at, updated_at)
-                     VALUES (?1, 'reported_state', ?2, ?3, ?4, ?5, ?5, ?5)
-                     ON CONFLICT(target, device_id) WHERE state = 'pending' AND operation = 'reported_state'
-                     DO UPDATE SET payload = excluded.payload, idempotency_key = excluded.idempotency_key,
-                                   updated_at = excluded.updated_at",
-                )?
-                .execute(params![
-                    target.as_str(),
-                    device_id,
-                    text,
-                    format!("st:{install_id}:{device_id}:{version}:{}", target.as_str()),
-                    now
-                ])?;
-            }
-        }
-        Reading::Telemetry(points) => {
-            for point in points {
-                tx.prepare_cached(
-                    "INSERT INTO telemetry(device_id, device_ts, received_at, payload, content_type)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )?
-                .execute(params![
-                    device_id,
-                    point.device_ts.map(|t| t.0),
-                    now,
-                    Value::Object(point.data.clone()).to_string(),
-                    msg.format.content_type()
-                ])?;
-                let telemetry_id = tx.last_insert_rowid();
-                for target in targets.iter().filter(|t| t.takes_telemetry()) {
-                    tx.prepare_cached(
-                        "INSERT INTO outbox(target, operation, device_id, telemetry_id, idempotency_key,
-                                            next_attempt_at, created_at, updated_at)
-                         VALUES (?1, 'telemetry', ?2, ?3, ?4, ?5, ?5, ?5)",
-                    )?
-                    .execute(params![
-                        target.as_str(),
-                        device_id,
-                        telemetry_id,
-                        format!("tm:{install_id}:{telemetry_id}"),
-                        now
-                    ])?;
-                }
-            }
-        }
-    }
-    Ok(Outcome::Stored { new_device })
-}
-
-/// Keeps the rejected table to its configured size; runs once per group commit.
-fn trim_rejected(tx: &Transaction<'_>, ops: &[WriteOp], keep: u32) -> rusqlite::Result<()> {
-    if ops.iter().any(|op| matches!(op, WriteOp::Reject(_))) {
-        tx.prepare_cached("DELETE FROM rejected WHERE id <= (SELECT max(id) FROM rejected) - ?1")?
-            .execute([i64::from(keep)])?;
-    }
-    Ok(())
 }

@@ -14,6 +14,7 @@ pub mod db;
 #[cfg(test)]
 mod tests;
 pub mod views;
+mod write;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,8 +23,9 @@ use std::thread;
 
 use tokio::sync::{mpsc, oneshot};
 
-pub use db::{DEDUP_SPAN, Db, OpenOptions, Outcome, SCHEMA_VERSION, WriteOp};
+pub use db::{Db, OpenOptions, SCHEMA_VERSION};
 pub use views::{DesiredDoc, DeviceView, RejectedView, Status};
+pub use write::{DEDUP_SPAN, Outcome, WriteOp};
 
 /// Most writes committed in one transaction. Large enough that one fsync (with
 /// `synchronous = full`) is spread over many messages, small enough that a batch commits in

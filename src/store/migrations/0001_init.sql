@@ -129,7 +129,7 @@ CREATE TABLE rejected (
 INSERT INTO meta(key, value) VALUES ('rejected_total', '0');
 
 -- Last stored MQTT delivery per packet id, to recognise the broker's redeliveries (DUP).
--- `seq` counts deliveries (not time), see store::db::DEDUP_SPAN.
+-- `seq` counts deliveries (not time), see store::write::DEDUP_SPAN.
 CREATE TABLE mqtt_inbound (
     pkid    INTEGER PRIMARY KEY,
     digest  INTEGER NOT NULL,
