@@ -314,35 +314,20 @@ fn a_refused_password_is_reported_once_as_a_refusal_without_the_password() {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("mqtt-password");
     std::fs::write(&secret, "wr0ng-pa55\n").unwrap();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_nn-gateway"))
-        .arg("run")
-        .envs([
-            (
-                "NNGW_STORAGE__PATH",
-                dir.path().join("g.db").to_str().unwrap(),
-            ),
-            ("NNGW_MQTT__PORT", &broker.port.to_string()),
+    let db = dir.path().join("g.db");
+    let port = broker.port.to_string();
+    let (_, log) = support::run_daemon_binary_for(
+        &[
+            ("NNGW_STORAGE__PATH", db.to_str().unwrap()),
+            ("NNGW_MQTT__PORT", &port),
             ("NNGW_MQTT__USERNAME", "gateway"),
             ("NNGW_MQTT__PASSWORD_FILE", secret.to_str().unwrap()),
             ("NNGW_MQTT__RECONNECT_MIN", "10ms"),
             ("NNGW_MQTT__RECONNECT_MAX", "50ms"),
             ("NNGW_COAP__BIND", "127.0.0.1:0"),
-            ("NNGW_LOG__FORMAT", "text"),
-        ])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    let pid = child.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
+        ],
+        Duration::from_millis(1500),
     );
-    let out = child.wait_with_output().unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         log.matches("broker refused the connection").count(),
         1,

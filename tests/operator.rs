@@ -203,32 +203,19 @@ async fn desired_set_reaches_an_mqtt_subscriber_and_a_coap_observer() {
 fn without_a_broker_the_daemon_keeps_running_and_logs_the_outage_once() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("gateway.db");
-    let child = Command::new(env!("CARGO_BIN_EXE_nn-gateway"))
-        .arg("run")
-        .envs([
+    let port = free_port().to_string();
+    // Dozens of reconnect attempts at these settings.
+    let (clean_exit, log) = support::run_daemon_binary_for(
+        &[
             ("NNGW_STORAGE__PATH", db.to_str().unwrap()),
-            ("NNGW_MQTT__PORT", &free_port().to_string()),
+            ("NNGW_MQTT__PORT", &port),
             ("NNGW_MQTT__RECONNECT_MIN", "10ms"),
             ("NNGW_MQTT__RECONNECT_MAX", "50ms"),
             ("NNGW_COAP__BIND", "127.0.0.1:0"),
-            ("NNGW_LOG__FORMAT", "text"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Dozens of reconnect attempts at these settings.
-    std::thread::sleep(Duration::from_millis(1500));
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
+        ],
+        Duration::from_millis(1500),
     );
-    let out = child.wait_with_output().unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{log}");
+    assert!(clean_exit, "{log}");
     assert_eq!(log.matches("cannot reach broker").count(), 1, "{log}");
     assert!(log.contains("gateway ready"), "{log}");
 }

@@ -309,3 +309,30 @@ pub fn assert_each_once_in_order(db: &Db, prefix: &str, devices: u64, total: u64
         );
     }
 }
+
+/// Runs the `nn-gateway` binary's daemon with `env` (plus text logs) for `duration`, stops it
+/// with SIGTERM, and returns whether it exited cleanly and what it logged.
+pub fn run_daemon_binary_for(env: &[(&str, &str)], duration: Duration) -> (bool, String) {
+    let child = Command::new(env!("CARGO_BIN_EXE_nn-gateway"))
+        .arg("run")
+        .envs(env.iter().copied())
+        .env("NNGW_LOG__FORMAT", "text")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(duration);
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
