@@ -465,33 +465,30 @@ impl Config {
     }
 
     fn read_secrets(&mut self, origin: &str, creds: Option<&Path>) -> Result<(), ConfigError> {
-        let credential = creds.is_some_and(|d| d.join("mqtt-password").is_file());
-        if self.mqtt.password_file.is_some() || credential {
-            self.mqtt.password = Some(read_secret(
-                origin,
+        let read = |key: &str, file: Option<&Path>, credential: &str| {
+            read_secret(origin, key, file, creds, credential).map(Some)
+        };
+        let mqtt_credential = creds.is_some_and(|d| d.join("mqtt-password").is_file());
+        if self.mqtt.password_file.is_some() || mqtt_credential {
+            self.mqtt.password = read(
                 "mqtt.password_file",
                 self.mqtt.password_file.as_deref(),
-                creds,
                 "mqtt-password",
-            )?);
+            )?;
         }
         if self.golioth.enabled {
-            self.golioth.api_key = Some(read_secret(
-                origin,
+            self.golioth.api_key = read(
                 "golioth.api_key_file",
                 self.golioth.api_key_file.as_deref(),
-                creds,
                 "golioth-api-key",
-            )?);
+            )?;
         }
         if self.netneural.enabled {
-            self.netneural.api_key = Some(read_secret(
-                origin,
+            self.netneural.api_key = read(
                 "netneural.api_key_file",
                 self.netneural.api_key_file.as_deref(),
-                creds,
                 "netneural-api-key",
-            )?);
+            )?;
         }
         Ok(())
     }
