@@ -33,6 +33,7 @@ pub fn render_status(s: &Status) -> String {
         s.path.display(),
         s.schema_version
     );
+    let _ = writeln!(out, "daemon         {}", daemon(s.daemon.as_ref()));
     let _ = writeln!(
         out,
         "size           {} + {} WAL",
@@ -67,6 +68,27 @@ pub fn render_status(s: &Status) -> String {
         }
     }
     out
+}
+
+fn daemon(beat: Option<&crate::store::DaemonBeat>) -> String {
+    let Some(b) = beat else {
+        return "never ran on this database".to_owned();
+    };
+    let now = crate::model::UnixMillis::now();
+    let ago = (now.0 - b.at).max(0) / 1000;
+    if b.stopped {
+        format!("stopped cleanly {ago}s ago")
+    } else if b.is_running(now) {
+        format!(
+            "running (pid {}, heartbeat {ago}s ago), mqtt {}",
+            b.pid, b.mqtt
+        )
+    } else {
+        format!(
+            "not running: last heartbeat {ago}s ago from pid {} (crashed or killed?)",
+            b.pid
+        )
+    }
 }
 
 /// `nn-gateway status`.

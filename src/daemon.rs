@@ -25,7 +25,7 @@ use crate::downlink::Downlink;
 use crate::health::{Health, LinkState};
 use crate::model::Target;
 use crate::notify::Notifier;
-use crate::store::{OpenOptions, Store, StoreError};
+use crate::store::{DaemonBeat, OpenOptions, Store, StoreError};
 
 /// Status line and watchdog period when systemd asks for no watchdog.
 const DEFAULT_TICK: Duration = Duration::from_secs(10);
@@ -147,7 +147,8 @@ pub async fn run(
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
-            _ = ticker.tick() => heartbeat(&store, &health, &notifier).await,
+            _ = ticker.tick() => heartbeat(&store, &health, &notifier, tick).await,
+            () = health.changed() => heartbeat(&store, &health, &notifier, tick).await,
         }
     }
 
@@ -157,6 +158,10 @@ pub async fn run(
     let grace = config.gateway.shutdown_timeout + Duration::from_secs(2);
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!("tasks still running at the shutdown deadline; closing the store anyway");
+    }
+    let last = beat(&health, tick, true);
+    if let Err(e) = store.call(move |db| db.record_heartbeat(&last)).await {
+        tracing::warn!(error = %e, "cannot record the clean stop");
     }
     store.close().await;
     tracing::info!("store closed; bye");
@@ -185,10 +190,15 @@ async fn open_store(config: &Config) -> Result<Store, StoreError> {
         })?
 }
 
-/// WATCHDOG=1 only while the store answers and commits succeed; STATUS= always.
-async fn heartbeat(store: &Store, health: &Health, notifier: &Notifier) {
-    let status = tokio::time::timeout(STORE_PING_TIMEOUT, store.call(|db| db.status())).await;
-    match status {
+/// Writes the heartbeat; WATCHDOG=1 only if that write and the last commit succeeded (the
+/// store can still write); STATUS= always.
+async fn heartbeat(store: &Store, health: &Health, notifier: &Notifier, every: Duration) {
+    let beat = beat(health, every, false);
+    let status = store.call(move |db| {
+        db.record_heartbeat(&beat)?;
+        db.status()
+    });
+    match tokio::time::timeout(STORE_PING_TIMEOUT, status).await {
         Ok(Ok(s)) if store.is_healthy() => {
             notifier.watchdog();
             notifier.status(&format!(
@@ -201,7 +211,7 @@ async fn heartbeat(store: &Store, health: &Health, notifier: &Notifier) {
         }
         Ok(Ok(_)) => notifier.status("store: last commit failed (disk full?); retrying"),
         Ok(Err(e)) => {
-            tracing::error!(error = %e, "store does not answer status");
+            tracing::error!(error = %e, "store cannot record the heartbeat; withholding watchdog");
             notifier.status(&format!("store error: {e}"));
         }
         Err(_) => {
@@ -210,5 +220,15 @@ async fn heartbeat(store: &Store, health: &Health, notifier: &Notifier) {
             );
             notifier.status("store not answering");
         }
+    }
+}
+
+fn beat(health: &Health, every: Duration, stopped: bool) -> DaemonBeat {
+    DaemonBeat {
+        pid: std::process::id(),
+        at: crate::model::UnixMillis::now().0,
+        every_ms: u64::try_from(every.as_millis()).unwrap_or(u64::MAX),
+        mqtt: health.mqtt().as_str().to_owned(),
+        stopped,
     }
 }

@@ -38,11 +38,23 @@ impl LinkState {
 #[derive(Clone, Debug, Default)]
 pub struct Health {
     mqtt: Arc<AtomicU8>,
+    /// Rung when a state changes, so the daemon refreshes STATUS= and its heartbeat at once.
+    changed: Arc<tokio::sync::Notify>,
 }
 
 impl Health {
     pub fn set_mqtt(&self, state: LinkState) {
-        self.mqtt.store(state as u8, Ordering::Relaxed);
+        if self.mqtt.swap(state as u8, Ordering::Relaxed) != state as u8 {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Completes after the next change of any state.
+    ///
+    /// # Cancel safety
+    /// Cancel safe; a change seen by no waiter is kept for the next one.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
     }
 
     pub fn mqtt(&self) -> LinkState {

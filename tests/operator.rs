@@ -127,7 +127,10 @@ async fn status_and_devices_show_what_arrived_while_the_daemon_runs() {
     assert_eq!(pump["telemetry_points"], 2);
     assert!(pump["last_seen"].as_str().unwrap().ends_with('Z'));
 
+    assert_eq!(status["daemon"]["stopped"], false, "{status}");
+    assert_eq!(status["daemon"]["mqtt"], "connected", "{status}");
     let human = text(&gateway(&["status"], &env));
+    assert!(human.contains("daemon         running (pid"), "{human}");
     assert!(human.contains("telemetry      2 points"), "{human}");
     let rejected = text(&gateway(&["rejected"], &env));
     assert!(
@@ -135,6 +138,8 @@ async fn status_and_devices_show_what_arrived_while_the_daemon_runs() {
         "{rejected}"
     );
     gw.stop().await;
+    let human = text(&gateway(&["status"], &env));
+    assert!(human.contains("daemon         stopped cleanly"), "{human}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

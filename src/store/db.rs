@@ -10,7 +10,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde_json::Value;
 
 use super::StoreError;
-use super::views::{DesiredDoc, DeviceView, OutboxCount, RejectedView, Status};
+use super::views::{DaemonBeat, DesiredDoc, DeviceView, OutboxCount, RejectedView, Status};
 use super::write::{Outcome, WriteOp, Writer, is_transient, trim_rejected, upsert_device};
 use crate::config::Synchronous;
 use crate::model::{DeviceKey, Origin, Rejection, Target, UnixMillis};
@@ -447,6 +447,9 @@ impl Db {
             conflicts_pending: count("SELECT count(*) FROM conflict WHERE status = 'pending'")?,
             db_bytes: file_size(self.path.clone()),
             wal_bytes: file_size(PathBuf::from(wal)),
+            daemon: self
+                .meta("daemon")?
+                .and_then(|v| serde_json::from_str(&v).ok()),
         })
     }
 
@@ -503,6 +506,18 @@ impl Db {
         )?;
         let rows = stmt.query_map([device.as_str()], |r| r.get::<_, String>(0))?;
         rows.map(|r| Ok(parse_doc(&r?))).collect()
+    }
+
+    /// Records the daemon's heartbeat (see [`DaemonBeat`]). A write, so a heartbeat that
+    /// succeeds proves the store can still commit.
+    pub fn record_heartbeat(&mut self, beat: &DaemonBeat) -> Result<(), StoreError> {
+        let text = serde_json::to_string(beat).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.conn.execute(
+            "INSERT INTO meta(key, value) VALUES ('daemon', ?1)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [text],
+        )?;
+        Ok(())
     }
 
     /// A cheap query proving the connection works (watchdog).

@@ -24,7 +24,7 @@ use std::thread;
 use tokio::sync::{mpsc, oneshot};
 
 pub use db::{Db, OpenOptions, SCHEMA_VERSION};
-pub use views::{DesiredDoc, DeviceView, RejectedView, Status};
+pub use views::{DaemonBeat, DesiredDoc, DeviceView, RejectedView, Status};
 pub use write::{DEDUP_SPAN, Outcome, WriteOp};
 
 /// Most writes committed in one transaction. Large enough that one fsync (with

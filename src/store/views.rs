@@ -43,6 +43,30 @@ pub struct Status {
     pub conflicts_pending: i64,
     pub db_bytes: u64,
     pub wal_bytes: u64,
+    /// What the daemon last wrote about itself; `None` if it never ran on this database.
+    pub daemon: Option<DaemonBeat>,
+}
+
+/// The daemon's heartbeat, written to the database every status tick so that operator commands
+/// (separate processes) can tell whether it runs and how its links are.
+#[derive(Clone, Debug, PartialEq, serde::Deserialize, Serialize)]
+pub struct DaemonBeat {
+    pub pid: u32,
+    /// Unix milliseconds of this beat.
+    pub at: i64,
+    /// Milliseconds until the next beat is due.
+    pub every_ms: u64,
+    /// `connected`, `down`, `refused` or `disabled`.
+    pub mqtt: String,
+    /// Set by a clean shutdown.
+    pub stopped: bool,
+}
+
+impl DaemonBeat {
+    /// Running if it did not stop and its last beat is not more than two beats late.
+    pub fn is_running(&self, now: UnixMillis) -> bool {
+        !self.stopped && now.0 - self.at <= 3 * self.every_ms as i64
+    }
 }
 
 impl Status {
