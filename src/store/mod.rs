@@ -79,6 +79,56 @@ impl StoreError {
     }
 }
 
+/// Takes `<database>.lock` exclusively, for as long as the returned file is open: one daemon
+/// per database. Two would ingest the same broker session twice over and fight over its client
+/// id. Operator commands do not take it; WAL lets them work beside the daemon.
+fn lock_exclusive(path: &std::path::Path) -> Result<std::fs::File, StoreError> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock_path = PathBuf::from(lock_path);
+    let fail = |reason: String| StoreError::Open {
+        path: path.to_owned(),
+        reason,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| fail(format!("cannot create directory {}: {e}", dir.display())))?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| {
+            fail(format!(
+                "cannot open lock file {}: {e}",
+                lock_path.display()
+            ))
+        })?;
+    match file.try_lock() {
+        Ok(()) => {
+            // The pid is for the message another instance prints; the lock is what counts.
+            let _ = file.set_len(0);
+            let _ = write!(file, "{}", std::process::id());
+            Ok(file)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = file.rewind();
+            let _ = file.read_to_string(&mut pid);
+            Err(fail(format!(
+                "another nn-gateway (pid {}) is running on this database; stop it first",
+                pid.trim()
+            )))
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(fail(format!("cannot lock {}: {e}", lock_path.display())))
+        }
+    }
+}
+
 type Call = Box<dyn FnOnce(&mut Db) + Send>;
 
 enum Job {
@@ -135,6 +185,7 @@ impl Store {
     /// # Errors
     /// See [`Db::open`].
     pub fn open(path: &std::path::Path, opts: &OpenOptions) -> Result<Store, StoreError> {
+        let lock = lock_exclusive(path)?;
         let mut db = Db::open(path, opts)?;
         let requeued = db.requeue_in_flight()?;
         if requeued > 0 {
@@ -148,7 +199,7 @@ impl Store {
         let flag = healthy.clone();
         thread::Builder::new()
             .name("store".into())
-            .spawn(move || run(db, rx, flag))
+            .spawn(move || run(db, lock, rx, flag))
             .map_err(|e| StoreError::Open {
                 path: path.to_owned(),
                 reason: format!("cannot start store thread: {e}"),
@@ -212,7 +263,8 @@ impl Store {
     }
 }
 
-fn run(mut db: Db, mut rx: mpsc::Receiver<Job>, healthy: Arc<AtomicBool>) {
+/// The store thread. `lock` is held until the connection is closed.
+fn run(mut db: Db, lock: std::fs::File, mut rx: mpsc::Receiver<Job>, healthy: Arc<AtomicBool>) {
     let mut batch: Vec<(WriteOp, oneshot::Sender<Result<Outcome, StoreError>>)> = Vec::new();
     let mut deferred: Option<Job> = None;
     loop {
@@ -267,6 +319,7 @@ fn run(mut db: Db, mut rx: mpsc::Receiver<Job>, healthy: Arc<AtomicBool>) {
                     tracing::warn!(error = %e, "WAL checkpoint at close failed; SQLite will recover it at next open");
                 }
                 drop(db);
+                drop(lock);
                 let _ = done.send(());
                 return;
             }

@@ -362,3 +362,20 @@ fn desired_changes_are_ordered_and_publication_is_recorded() {
     db.mark_desired_published(&a, first.seq).unwrap();
     assert_eq!(db.desired_unpublished(10).unwrap().len(), 1);
 }
+
+#[test]
+fn a_second_daemon_on_the_same_database_is_refused_until_the_first_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("g.db");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let first = Store::open(&path, &opts(vec![])).unwrap();
+    let err = Store::open(&path, &opts(vec![])).err().unwrap().to_string();
+    assert!(
+        err.contains(&format!("another nn-gateway (pid {})", std::process::id())),
+        "{err}"
+    );
+    rt.block_on(first.close());
+    Store::open(&path, &opts(vec![])).expect("the lock is released by close");
+}
