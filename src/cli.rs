@@ -36,13 +36,21 @@ pub fn render_status(s: &Status) -> String {
     let _ = writeln!(out, "daemon         {}", daemon(s.daemon.as_ref()));
     let _ = writeln!(
         out,
-        "size           {} + {} WAL",
+        "size           {} + {} WAL, {} in use",
         bytes(s.db_bytes),
-        bytes(s.wal_bytes)
+        bytes(s.wal_bytes),
+        bytes(s.used_bytes)
     );
     let _ = writeln!(out, "devices        {}", s.devices);
     let _ = writeln!(out, "reported docs  {}", s.reported_states);
     let _ = writeln!(out, "telemetry      {} points", s.telemetry_points);
+    if s.telemetry_dropped_undelivered > 0 {
+        let _ = writeln!(
+            out,
+            "               {} deleted undelivered at the size ceiling (storage.max_size_mib)",
+            s.telemetry_dropped_undelivered
+        );
+    }
     let _ = writeln!(
         out,
         "desired        {} not yet acknowledged by the broker",

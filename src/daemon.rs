@@ -25,6 +25,7 @@ use crate::downlink::Downlink;
 use crate::health::{Health, LinkState};
 use crate::model::Target;
 use crate::notify::Notifier;
+use crate::store::retention::{CHUNK, Policy, RETENTION_EVERY, Report};
 use crate::store::{DaemonBeat, OpenOptions, Store, StoreError};
 
 /// Status line and watchdog period when systemd asks for no watchdog.
@@ -144,11 +145,18 @@ pub async fn run(
 
     let tick = notifier.watchdog_interval().unwrap_or(DEFAULT_TICK);
     let mut ticker = tokio::time::interval(tick);
+    let retention = Policy {
+        max_bytes: config.storage.max_size_mib.saturating_mul(1024 * 1024),
+        max_age: Some(config.storage.telemetry_max_age).filter(|age| !age.is_zero()),
+        chunk: CHUNK,
+    };
+    let mut retention_ticker = tokio::time::interval(RETENTION_EVERY);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
             _ = ticker.tick() => heartbeat(&store, &health, &notifier, tick).await,
             () = health.changed() => heartbeat(&store, &health, &notifier, tick).await,
+            _ = retention_ticker.tick() => enforce_retention(&store, retention).await,
         }
     }
 
@@ -220,6 +228,42 @@ async fn heartbeat(store: &Store, health: &Health, notifier: &Notifier, every: D
             );
             notifier.status("store not answering");
         }
+    }
+}
+
+/// Deletes telemetry past its age or beyond the size ceiling, and says what went. A pass is
+/// bounded; while work is left, the next one follows once the writes queued meanwhile are in.
+async fn enforce_retention(store: &Store, policy: Policy) {
+    let mut total = Report::default();
+    loop {
+        match store.call(move |db| db.enforce_retention(&policy)).await {
+            Ok(r) => {
+                total.aged_out += r.aged_out;
+                total.dropped_delivered += r.dropped_delivered;
+                total.dropped_undelivered += r.dropped_undelivered;
+                if !r.more {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "retention pass failed; trying again at the next one");
+                break;
+            }
+        }
+    }
+    if total.dropped_undelivered > 0 {
+        tracing::warn!(
+            undelivered = total.dropped_undelivered,
+            delivered = total.dropped_delivered,
+            aged_out = total.aged_out,
+            "database at its size ceiling (storage.max_size_mib): deleted telemetry no cloud has received"
+        );
+    } else if total != Report::default() {
+        tracing::info!(
+            delivered = total.dropped_delivered,
+            aged_out = total.aged_out,
+            "retention deleted old telemetry"
+        );
     }
 }
 

@@ -81,6 +81,12 @@ pub struct StorageConfig {
     pub synchronous: Synchronous,
     /// How many rejected messages are kept for inspection (oldest dropped first).
     pub rejected_keep: u32,
+    /// Ceiling on the space the database uses, in MiB; past it the oldest telemetry goes
+    /// (delivered first). See `store::retention`.
+    pub max_size_mib: u64,
+    /// Delivered telemetry older than this is deleted; "0s" keeps it until the size ceiling.
+    #[serde(with = "humantime_serde")]
+    pub telemetry_max_age: Duration,
 }
 
 impl Default for StorageConfig {
@@ -89,6 +95,8 @@ impl Default for StorageConfig {
             path: PathBuf::from("data/gateway.db"),
             synchronous: Synchronous::Full,
             rejected_keep: 1000,
+            max_size_mib: 1024,
+            telemetry_max_age: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }
@@ -427,6 +435,14 @@ impl Config {
                 "mqtt.max_message_size",
                 self.mqtt.max_message_size,
                 &format!("must be at most {} bytes", crate::mqtt::MAX_WIRE_PACKET),
+            ));
+        }
+        if self.storage.max_size_mib < 16 {
+            return Err(ConfigError::at(
+                origin,
+                "storage.max_size_mib",
+                self.storage.max_size_mib,
+                "must be at least 16 (MiB)",
             ));
         }
         if self.coap.max_concurrent == 0 {

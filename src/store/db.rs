@@ -74,6 +74,9 @@ impl Db {
         };
         conn.pragma_update(None, "synchronous", sync)
             .map_err(|e| StoreError::open(path, e))?;
+        // Truncate the WAL after checkpoints instead of leaving it at its high-water mark.
+        conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)
+            .map_err(|e| StoreError::open(path, e))?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(|e| StoreError::open(path, e))?;
         let mut db = Db {
@@ -447,6 +450,11 @@ impl Db {
             conflicts_pending: count("SELECT count(*) FROM conflict WHERE status = 'pending'")?,
             db_bytes: file_size(self.path.clone()),
             wal_bytes: file_size(PathBuf::from(wal)),
+            used_bytes: super::retention::used_bytes(&self.conn)?,
+            telemetry_dropped_undelivered: self
+                .meta("telemetry_dropped_undelivered")?
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
             daemon: self
                 .meta("daemon")?
                 .and_then(|v| serde_json::from_str(&v).ok()),
@@ -518,6 +526,14 @@ impl Db {
             [text],
         )?;
         Ok(())
+    }
+
+    /// Deletes telemetry past its age or beyond the size ceiling (see [`super::retention`]).
+    pub fn enforce_retention(
+        &mut self,
+        policy: &super::retention::Policy,
+    ) -> Result<super::retention::Report, StoreError> {
+        Ok(super::retention::enforce(&mut self.conn, policy)?)
     }
 
     /// A cheap query proving the connection works (watchdog).

@@ -11,6 +11,7 @@
 //! covers a whole batch.
 
 pub mod db;
+pub mod retention;
 #[cfg(test)]
 mod tests;
 pub mod views;

@@ -379,3 +379,131 @@ fn a_second_daemon_on_the_same_database_is_refused_until_the_first_closes() {
     rt.block_on(first.close());
     Store::open(&path, &opts(vec![])).expect("the lock is released by close");
 }
+
+/// Runs bounded passes until one finishes, adding up what they deleted.
+fn until_done(db: &mut Db, policy: &super::retention::Policy) -> super::retention::Report {
+    let mut total = super::retention::Report::default();
+    loop {
+        let r = db.enforce_retention(policy).unwrap();
+        total.aged_out += r.aged_out;
+        total.dropped_delivered += r.dropped_delivered;
+        total.dropped_undelivered += r.dropped_undelivered;
+        if !r.more {
+            return total;
+        }
+    }
+}
+
+fn mark_delivered(db: &Db) {
+    db.conn()
+        .execute(
+            "UPDATE outbox SET state = 'done' WHERE operation = 'telemetry'",
+            [],
+        )
+        .unwrap();
+}
+
+fn telemetry_ns(db: &Db, device: &str) -> Vec<i64> {
+    let key = DeviceKey::parse(device).unwrap();
+    db.telemetry_payloads(&key)
+        .unwrap()
+        .iter()
+        .map(|p| p["n"].as_i64().unwrap())
+        .collect()
+}
+
+#[test]
+fn old_telemetry_goes_once_delivered_and_waits_while_owed() {
+    use super::retention::Policy;
+    let dir = tempfile::tempdir().unwrap();
+    let mut db = Db::open(&dir.path().join("g.db"), &opts(vec![Target::NetNeural])).unwrap();
+    db.apply_batch(&[telemetry("a", 0, None), telemetry("a", 1, None)]);
+    mark_delivered(&db);
+    db.apply_batch(&[telemetry("a", 2, None)]);
+    db.conn()
+        .execute(
+            "UPDATE telemetry SET received_at = received_at - 100000",
+            [],
+        )
+        .unwrap();
+    let policy = Policy {
+        max_bytes: u64::MAX,
+        max_age: Some(std::time::Duration::from_secs(10)),
+        chunk: 1,
+    };
+    let report = until_done(&mut db, &policy);
+    assert_eq!(report.aged_out, 2);
+    assert_eq!(
+        telemetry_ns(&db, "a"),
+        [2],
+        "the point still owed to NetNeural stays"
+    );
+    assert_eq!(outbox(&db), [("netneural".into(), "pending".into(), 1)]);
+}
+
+#[test]
+fn at_the_size_ceiling_delivered_telemetry_goes_first_then_undelivered_is_counted() {
+    use super::retention::{LOW_WATER, Policy, used_bytes};
+    let dir = tempfile::tempdir().unwrap();
+    let mut db = Db::open(&dir.path().join("g.db"), &opts(vec![Target::NetNeural])).unwrap();
+    let padded = |n: i64| {
+        let mut op = telemetry("a", n, None);
+        if let WriteOp::Ingest(i) = &mut op
+            && let Reading::Telemetry(points) = &mut i.reading
+        {
+            points[0].data.insert("pad".into(), json!("x".repeat(2000)));
+        }
+        op
+    };
+    let first: Vec<WriteOp> = (0..200).map(padded).collect();
+    db.apply_batch(&first);
+    mark_delivered(&db);
+    let second: Vec<WriteOp> = (200..400).map(padded).collect();
+    db.apply_batch(&second);
+    db.apply_batch(&[state("a", json!({"keep": "me"}), None)]);
+    let full = used_bytes(db.conn()).unwrap();
+
+    // A ceiling the delivered half alone can satisfy.
+    let policy = Policy {
+        max_bytes: full * 3 / 4,
+        max_age: None,
+        chunk: 5,
+    };
+    let report = until_done(&mut db, &policy);
+    assert!(
+        report.dropped_delivered > 0 && report.dropped_undelivered == 0,
+        "{report:?}"
+    );
+    assert!(used_bytes(db.conn()).unwrap() as f64 <= policy.max_bytes as f64 * LOW_WATER);
+    assert_eq!(
+        telemetry_ns(&db, "a").first(),
+        Some(&(report.dropped_delivered as i64)),
+        "oldest first"
+    );
+
+    // A ceiling that needs undelivered points too: every delivered one goes before any of them.
+    let delivered_left = telemetry_ns(&db, "a").iter().filter(|n| **n < 200).count() as u64;
+    let policy = Policy {
+        max_bytes: full / 4,
+        max_age: None,
+        chunk: 5,
+    };
+    let report = until_done(&mut db, &policy);
+    assert_eq!(report.dropped_delivered, delivered_left, "{report:?}");
+    assert!(report.dropped_undelivered > 0, "{report:?}");
+    let status = db.status().unwrap();
+    assert_eq!(
+        status.telemetry_dropped_undelivered,
+        report.dropped_undelivered as i64
+    );
+    assert_eq!(
+        db.devices().unwrap()[0].reported,
+        Some(json!({"keep": "me"})),
+        "state is never dropped"
+    );
+    let left = telemetry_ns(&db, "a");
+    assert!(
+        left.windows(2).all(|w| w[0] < w[1]) && *left.last().unwrap() == 399,
+        "newest kept: {left:?}"
+    );
+}

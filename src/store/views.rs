@@ -43,6 +43,10 @@ pub struct Status {
     pub conflicts_pending: i64,
     pub db_bytes: u64,
     pub wal_bytes: u64,
+    /// Space in use inside the file (the rest is free pages that new rows reuse).
+    pub used_bytes: u64,
+    /// Telemetry points deleted by the size ceiling before any cloud received them.
+    pub telemetry_dropped_undelivered: i64,
     /// What the daemon last wrote about itself; `None` if it never ran on this database.
     pub daemon: Option<DaemonBeat>,
 }

@@ -80,6 +80,8 @@ CREATE TABLE outbox (
     updated_at       INTEGER NOT NULL
 ) STRICT;
 CREATE INDEX outbox_due ON outbox(target, state, next_attempt_at);
+-- Retention asks, per telemetry point, whether anything is still owed on it.
+CREATE INDEX outbox_telemetry ON outbox(telemetry_id) WHERE telemetry_id IS NOT NULL;
 -- Reported state coalesces: at most one pending row per device and cloud.
 CREATE UNIQUE INDEX outbox_one_pending_state ON outbox(target, device_id)
     WHERE state = 'pending' AND operation = 'reported_state';

@@ -1,0 +1,134 @@
+//! Bounded disk: telemetry retention by age and by the database's size.
+//!
+//! Blocking; run by the daemon every [`RETENTION_EVERY`] on the store thread.
+//!
+//! - **Age.** Telemetry older than `storage.telemetry_max_age` goes once nothing is owed on it
+//!   (no pending or in-flight outbox row): points still owed to a cloud wait for their
+//!   delivery, however old.
+//! - **Size.** When the space the database uses passes `storage.max_size_mib`, the oldest
+//!   telemetry goes until it is back under [`LOW_WATER`] of the ceiling: first points already
+//!   delivered (or owed to no cloud), then, only if that is not enough, the oldest undelivered
+//!   ones with their outbox rows. Those are counted (`telemetry_dropped_undelivered` in
+//!   `status`) and logged, since a cloud will never see them.
+//!
+//! Reported state, desired state, conflicts and the outbox rows of anything but telemetry are
+//! never dropped. Deleting rows returns their pages to SQLite's free list, where new rows
+//! reuse them: the file stops growing rather than shrinking.
+
+use std::time::Duration;
+
+use rusqlite::{Connection, params};
+
+use crate::model::UnixMillis;
+
+/// How often the daemon enforces retention.
+pub const RETENTION_EVERY: Duration = Duration::from_secs(60);
+
+/// Rows deleted per transaction, so a large clean-up never holds the write lock for long.
+pub const CHUNK: i64 = 1000;
+
+/// Transactions per pass. A pass runs on the store thread, so it is bounded to keep ingest
+/// waiting for milliseconds, not seconds; when there is more to delete the daemon runs the
+/// next pass right after the writes that queued meanwhile.
+const CHUNKS_PER_PASS: u32 = 20;
+
+/// After passing the ceiling, space is freed down to this fraction of it, so retention does not
+/// run at every pass once the database is full.
+pub const LOW_WATER: f64 = 0.9;
+
+/// What retention may delete.
+#[derive(Clone, Copy, Debug)]
+pub struct Policy {
+    pub max_bytes: u64,
+    /// `None`: no age limit.
+    pub max_age: Option<Duration>,
+    /// Rows per transaction ([`CHUNK`] in the daemon).
+    pub chunk: i64,
+}
+
+/// What one pass deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    pub aged_out: u64,
+    pub dropped_delivered: u64,
+    pub dropped_undelivered: u64,
+    /// The pass stopped at its bound with work left.
+    pub more: bool,
+}
+
+/// Telemetry with nothing owed on it.
+const DELIVERED: &str = "NOT EXISTS (SELECT 1 FROM outbox o WHERE o.telemetry_id = t.id
+                          AND o.state IN ('pending', 'in_flight'))";
+
+pub fn enforce(conn: &mut Connection, policy: &Policy) -> rusqlite::Result<Report> {
+    let mut report = Report::default();
+    let mut budget = CHUNKS_PER_PASS;
+    if let Some(age) = policy.max_age {
+        let cutoff = UnixMillis::now().0 - i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+        let filter = format!("t.received_at < {cutoff} AND {DELIVERED}");
+        while budget > 0 {
+            budget -= 1;
+            match delete_oldest(conn, &filter, policy.chunk)? {
+                0 => break,
+                n => report.aged_out += n,
+            }
+        }
+    }
+    if used_bytes(conn)? > policy.max_bytes {
+        let target = (policy.max_bytes as f64 * LOW_WATER) as u64;
+        for (filter, undelivered) in [(DELIVERED, false), ("1", true)] {
+            while budget > 0 && used_bytes(conn)? > target {
+                budget -= 1;
+                match delete_oldest(conn, filter, policy.chunk)? {
+                    0 => break,
+                    n if undelivered => report.dropped_undelivered += n,
+                    n => report.dropped_delivered += n,
+                }
+            }
+        }
+    }
+    report.more = budget == 0;
+    if report.dropped_undelivered > 0 {
+        conn.execute(
+            "INSERT INTO meta(key, value) VALUES ('telemetry_dropped_undelivered', ?1)
+             ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + excluded.value",
+            [report.dropped_undelivered as i64],
+        )?;
+    }
+    Ok(report)
+}
+
+/// Pages in use (not on the free list), in bytes.
+pub fn used_bytes(conn: &Connection) -> rusqlite::Result<u64> {
+    let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+    let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+    let size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    Ok(u64::try_from((pages - free) * size).unwrap_or(0))
+}
+
+/// Deletes up to [`CHUNK`] of the oldest telemetry rows matching `filter` (over alias `t`),
+/// with any outbox rows that point at them, in one transaction. Returns how many went.
+fn delete_oldest(conn: &mut Connection, filter: &str, chunk: i64) -> rusqlite::Result<u64> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    tx.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS doomed(id INTEGER PRIMARY KEY)",
+        [],
+    )?;
+    tx.execute("DELETE FROM temp.doomed", [])?;
+    tx.execute(
+        &format!(
+            "INSERT INTO temp.doomed(id) SELECT t.id FROM telemetry t WHERE {filter} ORDER BY t.id LIMIT ?1"
+        ),
+        params![chunk],
+    )?;
+    tx.execute(
+        "DELETE FROM outbox WHERE telemetry_id IN (SELECT id FROM temp.doomed)",
+        [],
+    )?;
+    let n = tx.execute(
+        "DELETE FROM telemetry WHERE id IN (SELECT id FROM temp.doomed)",
+        [],
+    )?;
+    tx.commit()?;
+    Ok(n as u64)
+}
