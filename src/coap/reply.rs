@@ -76,11 +76,15 @@ impl Reply {
     pub fn after_ingest(result: &Result<Outcome, StoreError>, retry_after_secs: u32) -> Reply {
         match result {
             Ok(Outcome::Stored { new_device: true }) => Reply::empty(ResponseType::Created),
-            // CoAP writes carry no MQTT delivery, so Duplicate and Rejected do not occur here;
-            // either way the message is safely handled.
-            Ok(Outcome::Stored { new_device: false } | Outcome::Duplicate | Outcome::Rejected) => {
+            // CoAP writes carry no MQTT delivery, so Duplicate does not occur here.
+            Ok(Outcome::Stored { new_device: false } | Outcome::Duplicate) => {
                 Reply::empty(ResponseType::Changed)
             }
+            // The store could not hold this reading and kept it as a rejection instead.
+            Ok(Outcome::Rejected) => Reply::diagnostic(
+                ResponseType::InternalServerError,
+                "reading could not be stored; kept as rejected",
+            ),
             Err(e) if e.is_disk_full() => {
                 Reply::unavailable(retry_after_secs, "gateway storage is full")
             }

@@ -20,8 +20,10 @@
 //! it already holds ([`crate::store::DEDUP_SPAN`]) and it is acknowledged without being
 //! stored twice.
 //!
-//! If a commit fails (a full disk), that message is not acknowledged and the connection is
-//! dropped after a backoff, so the broker resends it instead of the gateway losing it.
+//! If a commit fails (a full disk), that message and every later one of the same connection
+//! are left unacknowledged (the store holds them back rather than storing them out of order),
+//! the connection is dropped at once and the next one waits out the backoff; the broker then
+//! resends them all, in order.
 //!
 //! **Cancel safety.** The driver waits on the poll and on the oldest commit at once, so a commit
 //! can interrupt a poll that is waiting on the network. rumqttc's read path only buffers, so
@@ -34,15 +36,15 @@
 //! lasted `STABLE_AFTER` (30 s), so a broker that keeps dropping us, or a full disk that makes us
 //! drop the connection, cannot turn into a reconnect storm.
 //!
-//! Downlink: [`MqttHandle::publish_desired`] publishes a desired document retained at QoS 1;
-//! the driver matches the broker's PUBACK to it and reports it on the `published` channel so
-//! the store can record that the broker holds it.
+//! Downlink: [`MqttHandle::publish_desired`] hands a desired document to the driver, which
+//! publishes it retained at QoS 1 and matches the broker's PUBACK to it ([`desired`]), then
+//! reports it on the `published` channel so the store can record that the broker holds it.
 
+pub mod desired;
 pub mod router;
 pub mod topics;
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, PubAck, QoS};
@@ -54,8 +56,9 @@ use tracing::Instrument;
 use crate::backoff::Backoff;
 use crate::config::MqttConfig;
 use crate::health::{Health, LinkState};
-use crate::model::{DeviceKey, UnixMillis};
-use crate::store::{DesiredDoc, Outcome, PendingWrite, Store, WriteOp};
+use crate::model::UnixMillis;
+use crate::store::{DesiredDoc, Outcome, PendingWrite, Store, StoreError, WriteOp};
+pub use desired::Published;
 use router::Router;
 use topics::Template;
 
@@ -73,6 +76,9 @@ pub const WINDOW: usize = 2 * crate::store::MAX_BATCH;
 /// Requests (desired publishes, subscribes, disconnect) waiting for the event loop.
 const REQUEST_QUEUE: usize = 1024;
 
+/// Desired documents waiting for the driver; beyond this the downlink tries again later.
+const DESIRED_QUEUE: usize = 256;
+
 /// A connection that lasted this long counts as healthy: the next reconnect starts from
 /// `reconnect_min` again. Shorter ones (a broker that drops us at once, a full disk making us
 /// drop it) keep the delay growing, so a persistent fault cannot become a reconnect storm.
@@ -81,51 +87,26 @@ pub const STABLE_AFTER: Duration = Duration::from_secs(30);
 /// Longest wait for the broker to take a batch of PUBACKs before the connection is dropped.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A desired document acknowledged by the broker.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Published {
-    pub device: DeviceKey,
-    pub seq: i64,
-}
-
 /// Cheap cloneable handle for publishing to the broker.
 #[derive(Clone)]
 pub struct MqttHandle {
-    client: AsyncClient,
-    desired: Template,
-    /// Desired publishes handed to rumqttc, oldest first, not yet given a packet id. The
-    /// driver matches them, in order, to the ids rumqttc reports; it forgets them all whenever
-    /// the connection drops, because rumqttc may then discard queued publishes and a wrong
-    /// match would record the wrong document as delivered, while a forgotten one is only
-    /// published again.
-    awaiting_pkid: Arc<Mutex<VecDeque<Published>>>,
+    desired: mpsc::Sender<DesiredDoc>,
     health: Health,
 }
 
 impl MqttHandle {
-    /// Publishes a desired document retained at QoS 1 on the device's desired topic, without
-    /// waiting. The broker's acknowledgement arrives later on the `published` channel given to
-    /// [`spawn`]; a publish that never gets one is simply published again by the downlink
-    /// (retained, so a repeat is harmless).
+    /// Hands a desired document to the MQTT task, which publishes it retained at QoS 1 on the
+    /// device's desired topic if it is connected. The broker's acknowledgement arrives later
+    /// on the `published` channel given to [`spawn`]; a document that never gets one is simply
+    /// published again by the downlink (retained, so a repeat is harmless).
     ///
     /// # Errors
-    /// When rumqttc's request queue is full (try again later) or the MQTT task has stopped.
-    pub fn publish_desired(&self, doc: &DesiredDoc) -> Result<(), rumqttc::ClientError> {
-        let topic = self.desired.topic(doc.device.as_str());
-        let payload = serde_json::to_vec(&doc.doc).unwrap_or_default();
-        // Registered before the request so the driver sees it when rumqttc assigns the id.
-        let mut awaiting = self.awaiting_pkid.lock().unwrap_or_else(|p| p.into_inner());
-        awaiting.push_back(Published {
-            device: doc.device.clone(),
-            seq: doc.seq,
-        });
-        let sent = self
-            .client
-            .try_publish(topic, QoS::AtLeastOnce, true, payload);
-        if sent.is_err() {
-            awaiting.pop_back();
-        }
-        sent
+    /// When the task's queue is full (try again later) or the task has stopped.
+    pub fn publish_desired(
+        &self,
+        doc: &DesiredDoc,
+    ) -> Result<(), mpsc::error::TrySendError<DesiredDoc>> {
+        self.desired.try_send(doc.clone())
     }
 
     /// Whether the broker connection is up (publishing while it is down only fills a queue).
@@ -152,7 +133,7 @@ pub struct Links {
 /// When a topic template is unusable (configuration validation refuses those first).
 pub fn spawn(cfg: &MqttConfig, links: Links, tracker: &TaskTracker) -> Result<MqttHandle, String> {
     let router = Router::new(&cfg.topics, cfg.max_message_size)?;
-    let desired = Template::parse(&cfg.topics.desired)?;
+    let desired_topic = Template::parse(&cfg.topics.desired)?;
     let mut opts = MqttOptions::new(cfg.client_id.clone(), cfg.host.clone(), cfg.port);
     opts.set_keep_alive(cfg.keep_alive)
         .set_clean_session(false)
@@ -160,36 +141,36 @@ pub fn spawn(cfg: &MqttConfig, links: Links, tracker: &TaskTracker) -> Result<Mq
         .set_max_packet_size(MAX_WIRE_PACKET, MAX_WIRE_PACKET)
         .set_inflight(100);
     if let Some(user) = &cfg.username {
-        opts.set_credentials(
-            user.clone(),
-            cfg.password
-                .as_ref()
-                .map(|p| p.expose().to_owned())
-                .unwrap_or_default(),
-        );
+        let password = cfg
+            .password
+            .as_ref()
+            .map(|p| p.expose().to_owned())
+            .unwrap_or_default();
+        opts.set_credentials(user.clone(), password);
     }
     let (client, eventloop) = AsyncClient::new(opts, REQUEST_QUEUE);
+    let (desired_tx, desired_rx) = mpsc::channel(DESIRED_QUEUE);
     let handle = MqttHandle {
-        client: client.clone(),
-        desired,
-        awaiting_pkid: Arc::default(),
+        desired: desired_tx,
         health: links.health.clone(),
     };
     let driver = Driver {
         eventloop,
         client,
         router,
+        desired_topic,
         store: links.store,
         health: links.health,
         backoff: Backoff::new(cfg.reconnect_min, cfg.reconnect_max),
         unacked: VecDeque::new(),
         ready: Vec::new(),
         generation: 0,
-        awaiting_pkid: handle.awaiting_pkid.clone(),
-        in_flight: HashMap::new(),
-        resends: 0,
-        published: links.published,
+        connected: false,
         connected_at: None,
+        must_pause: false,
+        tracker: desired::Tracker::default(),
+        desired: desired_rx,
+        published: links.published,
     };
     let span = tracing::info_span!("mqtt", broker = %format!("{}:{}", cfg.host, cfg.port));
     tracker.spawn(driver.run(links.shutdown, links.drain).instrument(span));
@@ -209,6 +190,7 @@ struct Driver {
     eventloop: EventLoop,
     client: AsyncClient,
     router: Router,
+    desired_topic: Template,
     store: Store,
     health: Health,
     backoff: Backoff,
@@ -216,55 +198,56 @@ struct Driver {
     unacked: VecDeque<Unacked>,
     /// Packet ids committed and due a PUBACK on the current connection.
     ready: Vec<u16>,
-    /// Counts connections, so a PUBACK is never sent on a later connection than its message's.
+    /// Counts connections: a PUBACK is only sent on its message's connection, and the store
+    /// holds back a connection's writes after one of them failed.
     generation: u64,
-    awaiting_pkid: Arc<Mutex<VecDeque<Published>>>,
-    /// Our desired publishes the broker has not acknowledged, by packet id.
-    in_flight: HashMap<u16, Published>,
-    /// Publishes of the last connection that rumqttc sends again before any new one.
-    resends: usize,
-    published: mpsc::Sender<Published>,
-    /// When the current connection came up.
+    /// A CONNACK was received on the current connection.
+    connected: bool,
     connected_at: Option<tokio::time::Instant>,
+    /// The connection was dropped: wait out the backoff before the next attempt.
+    must_pause: bool,
+    tracker: desired::Tracker,
+    desired: mpsc::Receiver<DesiredDoc>,
+    published: mpsc::Sender<Published>,
 }
 
 impl Driver {
     async fn run(mut self, shutdown: CancellationToken, drain: Duration) {
         let filters = self.router.filters();
-        let mut connected = false;
         let mut last_problem: Option<Problem> = None;
         loop {
             self.send_acks().await;
+            if std::mem::take(&mut self.must_pause) {
+                self.pause(&shutdown).await;
+            }
             let read = self.unacked.len() < WINDOW;
             let event = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
                 result = next_commit(&mut self.unacked) => {
-                    if !self.on_committed(result) {
-                        self.drop_connection("a message could not be stored; the broker will send it again");
-                        self.pause(&shutdown).await;
-                    }
+                    self.on_committed(result);
+                    continue;
+                }
+                Some(doc) = self.desired.recv() => {
+                    self.publish_desired(doc);
                     continue;
                 }
                 event = self.eventloop.poll(), if read => event,
             };
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    if !ack.session_present {
-                        // rumqttc dropped what it had pending from the old session.
-                        self.forget_desired_publishes();
-                    }
-                    connected = true;
+                    self.connected = true;
                     last_problem = None;
                     self.connected_at = Some(tokio::time::Instant::now());
-                    // Publishes rumqttc kept from the last connection go out first, each with
-                    // an Outgoing::Publish event that belongs to no desired publish we track.
-                    self.resends = self
+                    // Publishes rumqttc kept from the last session go out first (none if the
+                    // broker lost the session: rumqttc has just dropped them).
+                    let resends = self
                         .eventloop
                         .pending
                         .iter()
                         .filter(|r| matches!(r, rumqttc::Request::Publish(_)))
                         .count();
+                    self.tracker.expect_resends(resends);
                     self.health.set_mqtt(LinkState::Connected);
                     tracing::info!(session_present = ack.session_present, "connected to broker");
                     for filter in &filters {
@@ -288,23 +271,23 @@ impl Driver {
                         );
                     }
                 }
-                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => self.on_outgoing_publish(pkid),
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => self.tracker.sent(pkid),
                 Ok(_) => {}
                 Err(e) => {
                     let problem = Problem::of(&e);
-                    if connected {
+                    if self.connected {
                         tracing::warn!(error = %e, "lost broker connection; reconnecting with backoff");
                     } else if last_problem != Some(problem) {
                         // Once per kind of failure, not once per attempt.
                         tracing::warn!(error = %e, "{}; retrying with backoff (logged again on change)", problem.advice());
                     }
                     last_problem = Some(problem);
-                    connected = false;
-                    self.new_generation();
-                    if problem == Problem::Refused {
-                        self.health.set_mqtt(LinkState::Refused);
-                    }
-                    self.pause(&shutdown).await;
+                    let state = match problem {
+                        Problem::Refused => LinkState::Refused,
+                        Problem::Unreachable => LinkState::Down,
+                    };
+                    self.new_generation(state);
+                    self.must_pause = true;
                 }
             }
         }
@@ -322,7 +305,7 @@ impl Driver {
         if let WriteOp::Reject(r) = &op {
             tracing::warn!(topic = %r.locator, device = r.device.as_deref().unwrap_or("-"), reason = %r.reason, "rejected message");
         }
-        let write = match self.store.enqueue(op).await {
+        let write = match self.store.enqueue_from(op, Some(self.generation)).await {
             Ok(w) => w,
             Err(e) => {
                 tracing::error!(error = %e, "store unavailable; message left unacknowledged");
@@ -339,11 +322,12 @@ impl Driver {
         }
     }
 
-    /// Handles the oldest commit and every later one already answered. Returns false if a
-    /// write failed (logged once for the lot).
-    fn on_committed(&mut self, first: Result<Outcome, crate::store::StoreError>) -> bool {
+    /// Handles the oldest commit and every later one already answered. A failed write of the
+    /// current connection drops it (logged once for the lot); failures of an older connection
+    /// were already dealt with when it dropped.
+    fn on_committed(&mut self, first: Result<Outcome, StoreError>) {
         let Some(done) = self.unacked.pop_front() else {
-            return true;
+            return;
         };
         let mut failed = Vec::new();
         self.note(done, first, &mut failed);
@@ -357,26 +341,28 @@ impl Driver {
         if let Some((topic, e)) = failed.first() {
             tracing::error!(messages = failed.len(), first_topic = %topic, error = %e,
                 "messages not stored and not acknowledged; the broker will resend them");
+            self.drop_connection("a message could not be stored");
         }
-        failed.is_empty()
     }
 
     fn note(
         &mut self,
         done: Unacked,
-        result: Result<Outcome, crate::store::StoreError>,
-        failed: &mut Vec<(String, crate::store::StoreError)>,
+        result: Result<Outcome, StoreError>,
+        failed: &mut Vec<(String, StoreError)>,
     ) {
+        let current = done.generation == self.generation;
         match result {
             Ok(outcome) => {
                 if outcome == Outcome::Duplicate {
                     tracing::debug!(topic = %done.topic, pkid = done.pkid, "redelivery of a stored message; acknowledged again");
                 }
-                if done.generation == self.generation {
+                if current {
                     self.ready.push(done.pkid);
                 }
             }
-            Err(e) => failed.push((done.topic, e)),
+            Err(e) if current => failed.push((done.topic, e)),
+            Err(_) => {}
         }
     }
 
@@ -403,27 +389,57 @@ impl Driver {
         }
     }
 
+    /// Publishes a desired document if connected; otherwise the downlink sends it again later.
+    fn publish_desired(&mut self, doc: DesiredDoc) {
+        if !self.connected {
+            return;
+        }
+        let topic = self.desired_topic.topic(doc.device.as_str());
+        let payload = serde_json::to_vec(&doc.doc).unwrap_or_default();
+        self.tracker.handed(Published {
+            device: doc.device,
+            seq: doc.seq,
+        });
+        if let Err(e) = self
+            .client
+            .try_publish(topic, QoS::AtLeastOnce, true, payload)
+        {
+            self.tracker.take_back();
+            tracing::debug!(error = %e, "desired publish not queued; the downlink will send it again");
+        }
+    }
+
+    fn on_puback(&mut self, pkid: u16) {
+        if let Some(p) = self.tracker.acknowledged(pkid)
+            && self.published.try_send(p).is_err()
+        {
+            // The downlink republishes anything not recorded as published; retained QoS 1
+            // makes that harmless.
+            tracing::debug!(pkid, "publish confirmation dropped; it will be republished");
+        }
+    }
+
     fn drop_connection(&mut self, why: &str) {
+        if !self.connected && self.eventloop.network.is_none() {
+            return; // Already down.
+        }
         tracing::warn!("dropping the broker connection: {why}");
         self.eventloop.clean();
-        self.new_generation();
+        self.new_generation(LinkState::Down);
+        self.must_pause = true;
     }
 
-    fn new_generation(&mut self) {
+    /// After the connection dropped (rumqttc has cleaned up): nothing of the old connection
+    /// may be acknowledged or matched on the next one.
+    fn new_generation(&mut self, state: LinkState) {
         self.generation += 1;
+        self.connected = false;
         self.ready.clear();
-        self.forget_desired_publishes();
-        self.health.set_mqtt(LinkState::Down);
-    }
-
-    /// Forgets which desired publishes await a broker acknowledgement (see
-    /// [`MqttHandle::awaiting_pkid`]); the downlink publishes them again.
-    fn forget_desired_publishes(&mut self) {
-        self.awaiting_pkid
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
-        self.in_flight.clear();
+        // Events rumqttc read before the failure would otherwise be handed out after the
+        // reconnect, and their PUBACKs would name packet ids of the new session.
+        self.eventloop.state.events.clear();
+        self.tracker.reset();
+        self.health.set_mqtt(state);
     }
 
     /// Waits the next backoff delay (or until shutdown).
@@ -443,40 +459,13 @@ impl Driver {
         }
     }
 
-    fn on_outgoing_publish(&mut self, pkid: u16) {
-        if self.resends > 0 {
-            self.resends -= 1;
-            return; // A publish of the last connection, sent again.
-        }
-        let next = self
-            .awaiting_pkid
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop_front();
-        if let Some(p) = next {
-            self.in_flight.insert(pkid, p);
-        }
-    }
-
-    fn on_puback(&mut self, pkid: u16) {
-        if let Some(p) = self.in_flight.remove(&pkid)
-            && self.published.try_send(p).is_err()
-        {
-            // The downlink republishes anything not recorded as published; retained QoS 1
-            // makes that harmless.
-            tracing::debug!(pkid, "publish confirmation dropped; it will be republished");
-        }
-    }
-
     /// Shutdown: read nothing more (the broker keeps it), acknowledge what was handed to the
     /// store within `deadline`, disconnect.
     async fn drain(mut self, deadline: Duration) {
         let until = tokio::time::Instant::now() + deadline;
         while !self.unacked.is_empty() {
             match tokio::time::timeout_at(until, next_commit(&mut self.unacked)).await {
-                Ok(result) => {
-                    self.on_committed(result);
-                }
+                Ok(result) => self.on_committed(result),
                 Err(_) => {
                     tracing::warn!(
                         left = self.unacked.len(),

@@ -11,9 +11,9 @@ use serde_json::Value;
 
 use super::StoreError;
 use super::views::{DaemonBeat, DesiredDoc, DeviceView, OutboxCount, RejectedView, Status};
-use super::write::{Outcome, WriteOp, Writer, is_transient, trim_rejected, upsert_device};
+use super::write::{Outcome, WriteOp, Writer, is_poison, trim_rejected, upsert_device};
 use crate::config::Synchronous;
-use crate::model::{DeviceKey, Origin, Rejection, Target, UnixMillis};
+use crate::model::{DeviceKey, Origin, Reading, Rejection, Target, UnixMillis};
 
 /// Migrations, in order; `PRAGMA user_version` counts how many are applied.
 const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_init.sql")];
@@ -182,8 +182,8 @@ impl Db {
     }
 
     /// Rows left "in flight" by a crash go back to "pending" (run once at start-up). A reported
-    /// state row that has a newer pending row for the same cloud is dropped instead: the newer
-    /// one carries the whole document, and only one may be pending.
+    /// state row with a newer one for the same device and cloud (pending or in flight) is
+    /// dropped instead: the newer one carries the whole document, and only one may be pending.
     pub fn requeue_in_flight(&mut self) -> Result<usize, StoreError> {
         let now = UnixMillis::now().0;
         let tx = self
@@ -191,9 +191,9 @@ impl Db {
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute(
             "DELETE FROM outbox WHERE state = 'in_flight' AND operation = 'reported_state'
-               AND EXISTS (SELECT 1 FROM outbox p WHERE p.state = 'pending'
-                           AND p.operation = 'reported_state'
-                           AND p.target = outbox.target AND p.device_id = outbox.device_id)",
+               AND EXISTS (SELECT 1 FROM outbox p WHERE p.operation = 'reported_state'
+                           AND p.target = outbox.target AND p.device_id = outbox.device_id
+                           AND (p.state = 'pending' OR (p.state = 'in_flight' AND p.id > outbox.id)))",
             [],
         )?;
         let requeued = tx.execute(
@@ -207,34 +207,32 @@ impl Db {
     /// Applies a group of writes in one transaction.
     ///
     /// If the group fails as a whole, the writes are applied one by one, in order, to find the
-    /// one at fault. A write that fails alone for a reason a retry cannot cure (a constraint,
-    /// a value SQLite refuses) is recorded as a rejection instead, so one poisonous message
-    /// cannot block the queue. At the first write that fails for a reason that can pass (a full
-    /// disk, an I/O error, a lock) the rest are not tried: they fail too, so nothing behind a
-    /// failed write is stored before it and per-device order holds when the sender retries.
+    /// one at fault. A write that fails alone because of what it carries ([`is_poison`]) is
+    /// recorded as a rejection instead, so one poisonous message cannot block the queue. At the
+    /// first write that fails for any other reason (a full disk, I/O, a lock, corruption) the
+    /// rest are not tried: they fail too ([`StoreError::Held`]), so nothing behind a failed
+    /// write is stored before it and per-device order holds when the sender retries.
     ///
     /// # Errors
     /// Per write, the error that kept it from being stored.
     pub fn apply_batch(&mut self, ops: &[WriteOp]) -> Vec<Result<Outcome, StoreError>> {
         let seq_before = self.mqtt_seq;
-        match self.apply_together(ops) {
+        let error = match self.apply_together(ops) {
             Ok(outcomes) => return outcomes.into_iter().map(Ok).collect(),
-            Err(e) if ops.len() == 1 || is_transient(&e) => {
-                self.mqtt_seq = seq_before;
-                let first = StoreError::from(e);
-                let held = first.to_string();
-                let mut results = vec![Err(first)];
-                results.extend((1..ops.len()).map(|_| Err(StoreError::Held(held.clone()))));
-                if ops.len() == 1 {
-                    return self.retry_as_rejection(&ops[0], results.remove(0));
-                }
-                return results;
-            }
-            Err(e) => {
-                self.mqtt_seq = seq_before;
-                tracing::warn!(error = %e, writes = ops.len(), "group commit failed; finding the write at fault");
-            }
+            Err(e) => e,
+        };
+        self.mqtt_seq = seq_before;
+        if ops.len() == 1 && is_poison(&error) {
+            return vec![self.keep_as_rejection(&ops[0], error)];
         }
+        if ops.len() == 1 || !is_poison(&error) {
+            let first = StoreError::from(error);
+            let held = first.to_string();
+            let mut results = vec![Err(first)];
+            results.extend((1..ops.len()).map(|_| Err(StoreError::Held(held.clone()))));
+            return results;
+        }
+        tracing::warn!(error = %error, writes = ops.len(), "group commit failed; finding the write at fault");
         let mut results = Vec::with_capacity(ops.len());
         for (i, op) in ops.iter().enumerate() {
             let result = self.apply_batch(std::slice::from_ref(op)).remove(0);
@@ -271,36 +269,44 @@ impl Db {
         Ok(outcomes)
     }
 
-    /// A single write failed for a lasting reason: keep it as a rejection so it is visible and
-    /// acknowledged instead of being retried forever.
-    fn retry_as_rejection(
+    /// A single write failed because of what it carries: keep it as a rejection, with the
+    /// reading itself, so it is visible and acknowledged instead of being retried forever.
+    fn keep_as_rejection(
         &mut self,
         op: &WriteOp,
-        failed: Result<Outcome, StoreError>,
-    ) -> Vec<Result<Outcome, StoreError>> {
-        let Err(StoreError::Sqlite(e)) = &failed else {
-            return vec![failed];
-        };
-        if is_transient(e) {
-            return vec![failed];
-        }
+        error: rusqlite::Error,
+    ) -> Result<Outcome, StoreError> {
         let WriteOp::Ingest(msg) = op else {
-            return vec![failed];
+            return Err(error.into());
         };
-        tracing::error!(device = %msg.device, error = %e, "message cannot be stored; kept as rejected");
+        tracing::error!(device = %msg.device, error = %error, "message cannot be stored; kept as rejected");
+        let reading = match &msg.reading {
+            Reading::State(patch) => Value::Object(patch.clone()),
+            Reading::Telemetry(points) => Value::Array(
+                points
+                    .iter()
+                    .map(|p| Value::Object(p.data.clone()))
+                    .collect(),
+            ),
+        };
+        let text = reading.to_string().into_bytes();
         let rejection = WriteOp::Reject(Rejection {
             origin: msg.origin,
             device: Some(msg.device.to_string()),
             locator: format!("{} message", msg.origin.as_str()),
-            reason: format!("cannot be stored: {e}"),
-            size: 0,
-            excerpt: Vec::new(),
+            reason: format!("cannot be stored: {error}"),
+            size: text.len(),
+            excerpt: text,
             received_at: msg.received_at,
             mqtt: msg.mqtt,
         });
+        let seq_before = self.mqtt_seq;
         match self.apply_together(std::slice::from_ref(&rejection)) {
-            Ok(mut outcomes) => vec![Ok(outcomes.remove(0))],
-            Err(_) => vec![failed],
+            Ok(mut outcomes) => Ok(outcomes.remove(0)),
+            Err(_) => {
+                self.mqtt_seq = seq_before;
+                Err(error.into())
+            }
         }
     }
 

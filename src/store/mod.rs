@@ -132,8 +132,11 @@ fn lock_exclusive(path: &std::path::Path) -> Result<std::fs::File, StoreError> {
 
 type Call = Box<dyn FnOnce(&mut Db) + Send>;
 
+type Reply = oneshot::Sender<Result<Outcome, StoreError>>;
+
 enum Job {
-    Write(WriteOp, oneshot::Sender<Result<Outcome, StoreError>>),
+    /// A write, the ordered stream it belongs to, and where its answer goes.
+    Write(WriteOp, Option<u64>, Reply),
     Call(Call),
     Close(oneshot::Sender<()>),
 }
@@ -217,9 +220,24 @@ impl Store {
     /// # Cancel safety
     /// If cancelled while waiting for queue space, the write was not queued.
     pub async fn enqueue(&self, op: WriteOp) -> Result<PendingWrite, StoreError> {
+        self.enqueue_from(op, None).await
+    }
+
+    /// [`Store::enqueue`] for an ordered stream of writes (one MQTT connection): once one of
+    /// its writes fails, every later write of the same `stream` fails too
+    /// ([`StoreError::Held`]) instead of being stored ahead of it. The sender then starts a
+    /// new stream (reconnects) and gets everything again, in order.
+    ///
+    /// # Errors
+    /// [`StoreError::Closed`] after [`Store::close`].
+    pub async fn enqueue_from(
+        &self,
+        op: WriteOp,
+        stream: Option<u64>,
+    ) -> Result<PendingWrite, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.jobs
-            .send(Job::Write(op, tx))
+            .send(Job::Write(op, stream, tx))
             .await
             .map_err(|_| StoreError::Closed)?;
         Ok(PendingWrite(rx))
@@ -266,7 +284,8 @@ impl Store {
 
 /// The store thread. `lock` is held until the connection is closed.
 fn run(mut db: Db, lock: std::fs::File, mut rx: mpsc::Receiver<Job>, healthy: Arc<AtomicBool>) {
-    let mut batch: Vec<(WriteOp, oneshot::Sender<Result<Outcome, StoreError>>)> = Vec::new();
+    let mut batch: Vec<(WriteOp, Option<u64>, Reply)> = Vec::new();
+    let mut broken = BrokenStreams::default();
     let mut deferred: Option<Job> = None;
     loop {
         let job = match deferred.take() {
@@ -277,12 +296,12 @@ fn run(mut db: Db, lock: std::fs::File, mut rx: mpsc::Receiver<Job>, healthy: Ar
             },
         };
         match job {
-            Job::Write(op, reply) => {
-                batch.push((op, reply));
+            Job::Write(op, stream, reply) => {
+                batch.push((op, stream, reply));
                 // Take whatever else is already waiting, up to the batch limit.
                 while batch.len() < MAX_BATCH {
                     match rx.try_recv() {
-                        Ok(Job::Write(op, reply)) => batch.push((op, reply)),
+                        Ok(Job::Write(op, stream, reply)) => batch.push((op, stream, reply)),
                         Ok(other) => {
                             deferred = Some(other);
                             break;
@@ -290,16 +309,7 @@ fn run(mut db: Db, lock: std::fs::File, mut rx: mpsc::Receiver<Job>, healthy: Ar
                         Err(_) => break,
                     }
                 }
-                let (ops, replies): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
-                let results = db.apply_batch(&ops);
-                let failed = results.iter().filter(|r| r.is_err()).count();
-                healthy.store(failed == 0, Ordering::Relaxed);
-                if let Some(Err(first)) = results.iter().find(|r| r.is_err()) {
-                    tracing::error!(writes = failed, error = %first, "writes not stored");
-                }
-                for (reply, result) in replies.into_iter().zip(results) {
-                    let _ = reply.send(result);
-                }
+                commit(&mut db, &mut batch, &mut broken, &healthy);
             }
             Job::Call(f) => f(&mut db),
             Job::Close(done) => {
@@ -307,8 +317,9 @@ fn run(mut db: Db, lock: std::fs::File, mut rx: mpsc::Receiver<Job>, healthy: Ar
                 // Serve what was queued before the close, then stop.
                 while let Ok(job) = rx.try_recv() {
                     match job {
-                        Job::Write(op, reply) => {
-                            let _ = reply.send(db.apply_batch(std::slice::from_ref(&op)).remove(0));
+                        Job::Write(op, stream, reply) => {
+                            batch.push((op, stream, reply));
+                            commit(&mut db, &mut batch, &mut broken, &healthy);
                         }
                         Job::Call(f) => f(&mut db),
                         Job::Close(other) => {
@@ -325,5 +336,66 @@ fn run(mut db: Db, lock: std::fs::File, mut rx: mpsc::Receiver<Job>, healthy: Ar
                 return;
             }
         }
+    }
+}
+
+/// Streams with a failed write: their later writes are held back, not stored ahead of it.
+/// Only the newest few are remembered; a stream's sender moves to a new one at once.
+#[derive(Default)]
+struct BrokenStreams(std::collections::VecDeque<u64>);
+
+impl BrokenStreams {
+    const REMEMBERED: usize = 64;
+
+    fn contains(&self, stream: Option<u64>) -> bool {
+        stream.is_some_and(|s| self.0.contains(&s))
+    }
+
+    fn insert(&mut self, stream: Option<u64>) {
+        if let Some(s) = stream
+            && !self.0.contains(&s)
+        {
+            if self.0.len() == Self::REMEMBERED {
+                self.0.pop_front();
+            }
+            self.0.push_back(s);
+        }
+    }
+}
+
+/// Commits one group and answers each write; drains `batch`.
+fn commit(
+    db: &mut Db,
+    batch: &mut Vec<(WriteOp, Option<u64>, Reply)>,
+    broken: &mut BrokenStreams,
+    healthy: &AtomicBool,
+) {
+    let (held, todo): (Vec<_>, Vec<_>) = batch
+        .drain(..)
+        .partition(|(_, stream, _)| broken.contains(*stream));
+    for (_, _, reply) in held {
+        let why = "an earlier message of the same connection was not stored".to_owned();
+        let _ = reply.send(Err(StoreError::Held(why)));
+    }
+    if todo.is_empty() {
+        return;
+    }
+    let mut ops = Vec::with_capacity(todo.len());
+    let mut answers = Vec::with_capacity(todo.len());
+    for (op, stream, reply) in todo {
+        ops.push(op);
+        answers.push((stream, reply));
+    }
+    let results = db.apply_batch(&ops);
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    healthy.store(failed == 0, Ordering::Relaxed);
+    if let Some(Err(first)) = results.iter().find(|r| r.is_err()) {
+        tracing::error!(writes = failed, error = %first, "writes not stored");
+    }
+    for ((stream, reply), result) in answers.into_iter().zip(results) {
+        if result.is_err() {
+            broken.insert(stream);
+        }
+        let _ = reply.send(result);
     }
 }

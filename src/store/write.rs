@@ -69,15 +69,23 @@ pub(super) fn upsert_device(
     Ok((tx.last_insert_rowid(), true))
 }
 
-/// Whether a failure can pass with time (a full disk, I/O, a lock), as opposed to one the
-/// same write will meet again.
-pub(super) fn is_transient(e: &rusqlite::Error) -> bool {
+/// Whether a write failed because of what it carries (a constraint, a value SQLite refuses),
+/// so that it would fail again however often it is retried. Anything else (a full disk, I/O,
+/// a lock, corruption) is the store's trouble: the write is held back and retried, never
+/// dropped.
+pub(super) fn is_poison(e: &rusqlite::Error) -> bool {
     use rusqlite::ErrorCode as C;
-    matches!(e, rusqlite::Error::SqliteFailure(f, _) if matches!(
-        f.code,
-        C::DiskFull | C::SystemIoFailure | C::DatabaseBusy | C::DatabaseLocked | C::CannotOpen
-            | C::ReadOnly | C::OutOfMemory | C::FileLockingProtocolFailed | C::OperationInterrupted
-    ))
+    match e {
+        rusqlite::Error::SqliteFailure(f, _) => {
+            matches!(
+                f.code,
+                C::ConstraintViolation | C::TooBig | C::TypeMismatch | C::ParameterOutOfRange
+            )
+        }
+        rusqlite::Error::ToSqlConversionFailure(_)
+        | rusqlite::Error::IntegralValueOutOfRange(..) => true,
+        _ => false,
+    }
 }
 
 /// Everything a write needs besides the transaction.
