@@ -25,7 +25,7 @@ fn bytes(n: u64) -> String {
     }
 }
 
-pub fn render_status(s: &Status) -> String {
+pub fn render_status(s: &Status, running: bool) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -33,7 +33,7 @@ pub fn render_status(s: &Status) -> String {
         s.path.display(),
         s.schema_version
     );
-    let _ = writeln!(out, "daemon         {}", daemon(s.daemon.as_ref()));
+    let _ = writeln!(out, "daemon         {}", daemon(running, s.daemon.as_ref()));
     let _ = writeln!(
         out,
         "size           {} + {} WAL, {} in use",
@@ -78,31 +78,51 @@ pub fn render_status(s: &Status) -> String {
     out
 }
 
-fn daemon(beat: Option<&crate::store::DaemonBeat>) -> String {
-    let Some(b) = beat else {
-        return "never ran on this database".to_owned();
-    };
+/// The daemon line of `status`: whether it runs comes from its lock, the rest from its last
+/// heartbeat.
+fn daemon(running: bool, beat: Option<&crate::store::DaemonBeat>) -> String {
     let now = crate::model::UnixMillis::now();
-    let ago = (now.0 - b.at).max(0) / 1000;
-    if b.stopped {
-        format!("stopped cleanly {ago}s ago")
-    } else if b.is_running(now) {
-        format!(
-            "running (pid {}, heartbeat {ago}s ago), mqtt {}",
-            b.pid, b.mqtt
-        )
-    } else {
-        format!(
-            "not running: last heartbeat {ago}s ago from pid {} (crashed or killed?)",
+    let ago = |b: &crate::store::DaemonBeat| (now.0 - b.at).max(0) / 1000;
+    match (running, beat) {
+        (true, Some(b)) if !b.stopped => {
+            format!(
+                "running (pid {}, heartbeat {}s ago), mqtt {}",
+                b.pid,
+                ago(b),
+                b.mqtt
+            )
+        }
+        (true, _) => "running (starting up)".to_owned(),
+        (false, None) => "not running; never ran on this database".to_owned(),
+        (false, Some(b)) if b.stopped => format!("not running; stopped cleanly {}s ago", ago(b)),
+        (false, Some(b)) => format!(
+            "not running; last heartbeat {}s ago from pid {}, without a clean stop (crashed or killed?)",
+            ago(b),
             b.pid
-        )
+        ),
     }
+}
+
+/// `status --json`: the store's counts plus whether a daemon holds the database.
+#[derive(serde::Serialize)]
+struct StatusOut<'a> {
+    daemon_running: bool,
+    #[serde(flatten)]
+    status: &'a Status,
 }
 
 /// `nn-gateway status`.
 pub fn status(path: &Path, json: bool) -> Result<String, StoreError> {
     let s = Db::open_readonly(path)?.status()?;
-    Ok(if json { to_json(&s) } else { render_status(&s) })
+    let running = crate::store::daemon_running(path);
+    Ok(if json {
+        to_json(&StatusOut {
+            daemon_running: running,
+            status: &s,
+        })
+    } else {
+        render_status(&s, running)
+    })
 }
 
 /// `nn-gateway devices`.

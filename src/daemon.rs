@@ -5,8 +5,9 @@
 //!
 //! Start-up: open the store (migrations) → start CoAP on the bound socket → start MQTT →
 //! start the downlink → READY=1.
-//! Main loop: every tick, WATCHDOG=1 if the store answers and its last commit succeeded, and a
-//! one-line STATUS=.
+//! Main loop: every tick (and on every link change) the heartbeat is written to the database
+//! for operator commands, WATCHDOG=1 is sent if the store thread answered, and STATUS= gets a
+//! one-line summary; every minute, telemetry retention runs.
 //! Shutdown (the token fires, e.g. on SIGTERM): STOPPING=1 → CoAP stops reading, MQTT stops
 //! storing and acknowledges what is committed → all tasks end within
 //! `gateway.shutdown_timeout` → the store finishes its queue, checkpoints and closes.
@@ -151,11 +152,12 @@ pub async fn run(
         chunk: CHUNK,
     };
     let mut retention_ticker = tokio::time::interval(RETENTION_EVERY);
+    let mut condition = StoreCondition::default();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
-            _ = ticker.tick() => heartbeat(&store, &health, &notifier, tick).await,
-            () = health.changed() => heartbeat(&store, &health, &notifier, tick).await,
+            _ = ticker.tick() => heartbeat(&store, &health, &notifier, tick, &mut condition).await,
+            () = health.changed() => heartbeat(&store, &health, &notifier, tick, &mut condition).await,
             _ = retention_ticker.tick() => enforce_retention(&store, retention).await,
         }
     }
@@ -198,28 +200,60 @@ async fn open_store(config: &Config) -> Result<Store, StoreError> {
         })?
 }
 
-/// Writes the heartbeat; WATCHDOG=1 only if that write and the last commit succeeded (the
-/// store can still write); STATUS= always.
-async fn heartbeat(store: &Store, health: &Health, notifier: &Notifier, every: Duration) {
+/// Whether the store's commits were failing at the last heartbeat, to log only changes.
+#[derive(Default)]
+struct StoreCondition {
+    failing: bool,
+}
+
+/// Writes the heartbeat and refreshes STATUS=. WATCHDOG=1 is sent whenever the store thread
+/// answers in time: it proves the main loop and the store thread are alive. A store that
+/// answers but cannot commit (a full disk) is reported in STATUS= and the log, not by
+/// withholding the watchdog: a restart cannot free the disk, and each restart would make the
+/// broker resend everything unacknowledged again.
+async fn heartbeat(
+    store: &Store,
+    health: &Health,
+    notifier: &Notifier,
+    every: Duration,
+    condition: &mut StoreCondition,
+) {
     let beat = beat(health, every, false);
     let status = store.call(move |db| {
-        db.record_heartbeat(&beat)?;
-        db.status()
+        let wrote = db.record_heartbeat(&beat);
+        Ok((db.status()?, wrote))
     });
     match tokio::time::timeout(STORE_PING_TIMEOUT, status).await {
-        Ok(Ok(s)) if store.is_healthy() => {
+        Ok(Ok((s, wrote))) => {
             notifier.watchdog();
+            let failing = wrote.is_err() || !store.is_healthy();
+            if failing != condition.failing {
+                match &wrote {
+                    Err(e) => {
+                        tracing::error!(error = %e, "the store cannot commit (disk full?); nothing new is acknowledged until it can")
+                    }
+                    Ok(()) if failing => tracing::error!(
+                        "the store's last commit failed (disk full?); nothing new is acknowledged until it can"
+                    ),
+                    Ok(()) => tracing::info!("the store commits again"),
+                }
+                condition.failing = failing;
+            }
             notifier.status(&format!(
-                "devices {} | outbox pending {} | rejected {} | mqtt {}",
+                "devices {} | outbox pending {} | rejected {} | mqtt {} | store {}",
                 s.devices,
                 s.outbox_pending(),
                 s.rejected_total,
-                health.mqtt().as_str()
+                health.mqtt().as_str(),
+                if failing {
+                    "cannot commit (disk full?)"
+                } else {
+                    "ok"
+                }
             ));
         }
-        Ok(Ok(_)) => notifier.status("store: last commit failed (disk full?); retrying"),
         Ok(Err(e)) => {
-            tracing::error!(error = %e, "store cannot record the heartbeat; withholding watchdog");
+            tracing::error!(error = %e, "store cannot read its status; withholding watchdog");
             notifier.status(&format!("store error: {e}"));
         }
         Err(_) => {

@@ -5,11 +5,12 @@
 //!
 //! - `READY=1` once the store is open and the MQTT/CoAP sockets are bound. Until then
 //!   `systemctl start` waits, and units ordered `After=nn-gateway.service` do not start.
-//! - `WATCHDOG=1` every [`Notifier::watchdog_interval`] (half of `WatchdogSec=`), and only while
-//!   the main loops and the store are healthy: a wedged gateway stops pinging and systemd
-//!   restarts it. Pinging from a free-running timer would defeat the point.
-//! - `STATUS=<one line>` whenever the summary changes (queue depth, cloud states); it is what
-//!   `systemctl status nn-gateway` prints.
+//! - `WATCHDOG=1` every [`Notifier::watchdog_interval`] (half of `WatchdogSec=`), and only
+//!   while the main loop runs and the store thread answers: a wedged gateway stops pinging and
+//!   systemd restarts it. Pinging from a free-running timer would defeat the point.
+//! - `STATUS=<one line>` every tick and on every link change (devices, queue depth, rejections,
+//!   broker link, whether the store can commit); it is what `systemctl status nn-gateway`
+//!   prints.
 //! - `STOPPING=1` as the first step of a graceful shutdown on SIGTERM, and `RELOADING=1` on
 //!   SIGHUP, followed by `READY=1` again when the reload is done.
 //!

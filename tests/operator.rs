@@ -127,6 +127,7 @@ async fn status_and_devices_show_what_arrived_while_the_daemon_runs() {
     assert_eq!(pump["telemetry_points"], 2);
     assert!(pump["last_seen"].as_str().unwrap().ends_with('Z'));
 
+    assert_eq!(status["daemon_running"], true, "{status}");
     assert_eq!(status["daemon"]["stopped"], false, "{status}");
     assert_eq!(status["daemon"]["mqtt"], "connected", "{status}");
     let human = text(&gateway(&["status"], &env));
@@ -139,7 +140,10 @@ async fn status_and_devices_show_what_arrived_while_the_daemon_runs() {
     );
     gw.stop().await;
     let human = text(&gateway(&["status"], &env));
-    assert!(human.contains("daemon         stopped cleanly"), "{human}");
+    assert!(
+        human.contains("daemon         not running; stopped cleanly"),
+        "{human}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -80,14 +80,31 @@ impl StoreError {
     }
 }
 
+/// The lock file beside a database.
+fn lock_path(path: &std::path::Path) -> PathBuf {
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    PathBuf::from(lock_path)
+}
+
+/// Whether a daemon holds the database (its lock file is locked). Takes no lock that lasts and
+/// writes nothing, so operator commands can ask while the daemon runs.
+pub fn daemon_running(path: &std::path::Path) -> bool {
+    match std::fs::File::open(lock_path(path)) {
+        Ok(file) => matches!(
+            file.try_lock_shared(),
+            Err(std::fs::TryLockError::WouldBlock)
+        ),
+        Err(_) => false,
+    }
+}
+
 /// Takes `<database>.lock` exclusively, for as long as the returned file is open: one daemon
 /// per database. Two would ingest the same broker session twice over and fight over its client
 /// id. Operator commands do not take it; WAL lets them work beside the daemon.
 fn lock_exclusive(path: &std::path::Path) -> Result<std::fs::File, StoreError> {
     use std::io::{Read as _, Seek as _, Write as _};
-    let mut lock_path = path.as_os_str().to_owned();
-    lock_path.push(".lock");
-    let lock_path = PathBuf::from(lock_path);
+    let lock_path = lock_path(path);
     let fail = |reason: String| StoreError::Open {
         path: path.to_owned(),
         reason,

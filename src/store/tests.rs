@@ -507,3 +507,57 @@ fn at_the_size_ceiling_delivered_telemetry_goes_first_then_undelivered_is_counte
         "newest kept: {left:?}"
     );
 }
+
+#[test]
+fn after_a_failed_write_the_rest_of_its_stream_is_held_back_but_other_streams_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let store = Store::open(&dir.path().join("g.db"), &opts(vec![])).unwrap();
+    rt.block_on(async {
+        store.write(telemetry("a", 0, None)).await.unwrap();
+        store
+            .call(|db| {
+                let pages: i64 = db.conn().query_row("PRAGMA page_count", [], |r| r.get(0))?;
+                db.conn().pragma_update(None, "max_page_count", pages)?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let mut big = telemetry("a", 1, None);
+        if let WriteOp::Ingest(i) = &mut big
+            && let Reading::Telemetry(points) = &mut i.reading
+        {
+            points[0]
+                .data
+                .insert("pad".into(), json!("x".repeat(50_000)));
+        }
+        let failed = store
+            .enqueue_from(big, Some(1))
+            .await
+            .unwrap()
+            .committed()
+            .await;
+        assert!(failed.unwrap_err().is_disk_full());
+        // Small enough to fit, but behind the failed one in stream 1: held, not stored first.
+        let held = store
+            .enqueue_from(telemetry("a", 2, None), Some(1))
+            .await
+            .unwrap()
+            .committed()
+            .await;
+        assert!(matches!(held, Err(StoreError::Held(_))), "{held:?}");
+        // The sender's next stream (its next connection) is stored.
+        let next = store
+            .enqueue_from(telemetry("a", 2, None), Some(2))
+            .await
+            .unwrap()
+            .committed()
+            .await;
+        assert!(next.is_ok(), "{next:?}");
+        let ns = store.call(|db| Ok(telemetry_ns(db, "a"))).await.unwrap();
+        assert_eq!(ns, [0, 2]);
+        store.close().await;
+    });
+}

@@ -66,13 +66,6 @@ pub struct DaemonBeat {
     pub stopped: bool,
 }
 
-impl DaemonBeat {
-    /// Running if it did not stop and its last beat is not more than two beats late.
-    pub fn is_running(&self, now: UnixMillis) -> bool {
-        !self.stopped && now.0 - self.at <= 3 * self.every_ms as i64
-    }
-}
-
 impl Status {
     /// Pending outbox rows, all clouds together.
     pub fn outbox_pending(&self) -> i64 {
