@@ -292,9 +292,11 @@ impl Serialize for Secret {
 #[derive(Debug, thiserror::Error)]
 #[error("{origin}: {message}")]
 pub struct ConfigError {
-    /// The file (or environment) the problem came from.
+    /// The file (or environment variable) the problem came from.
     pub origin: String,
     pub message: String,
+    /// The key at fault, when one is.
+    pub key: Option<String>,
 }
 
 impl ConfigError {
@@ -302,6 +304,7 @@ impl ConfigError {
         ConfigError {
             origin: origin.to_owned(),
             message: format!("key `{key}` = {value}: {problem}"),
+            key: Some(key.to_owned()),
         }
     }
 }
@@ -346,6 +349,7 @@ impl Config {
             Source::File(path) => std::fs::read_to_string(path).map_err(|e| ConfigError {
                 origin: origin.clone(),
                 message: format!("cannot read the file: {e}"),
+                key: None,
             })?,
         };
         let file = config::File::from_str(&text, config::FileFormat::Toml);
@@ -366,8 +370,18 @@ impl Config {
             .map_err(|e| ConfigError {
                 origin: origin.clone(),
                 message: e.to_string(),
+                key: None,
             })?;
-        cfg.validate(&origin)?;
+        cfg.validate(&origin).map_err(|mut e| {
+            // A value that came from the environment is the environment's fault, not the file's.
+            if let Some(key) = &e.key {
+                let var = format!("{ENV_PREFIX}_{}", key.replace('.', "__").to_uppercase());
+                if env.iter().any(|(k, _)| *k == var) {
+                    e.origin = format!("environment variable {var} (over {origin})");
+                }
+            }
+            e
+        })?;
         cfg.read_secrets(&origin, credentials_dir)?;
         Ok(cfg)
     }
@@ -564,6 +578,7 @@ fn read_secret(
                     "no secret for `{key}`: set {key} to a file holding it, or pass systemd \
                      credential `{credential}` (LoadCredential=)"
                 ),
+                key: Some(key.to_owned()),
             });
         }
     };

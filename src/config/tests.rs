@@ -143,3 +143,18 @@ fn environment_strings_that_look_like_numbers_stay_strings() {
     assert_eq!(cfg.storage.path, PathBuf::from("007"));
     assert!(!cfg.mqtt.enabled);
 }
+
+#[test]
+fn a_bad_value_from_the_environment_is_blamed_on_the_variable() {
+    let err = Config::load_with(
+        &Source::Embedded,
+        &env(&[("NNGW_MQTT__KEEP_ALIVE", "0s")]),
+        None,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("environment variable NNGW_MQTT__KEEP_ALIVE"),
+        "{err}"
+    );
+}
