@@ -6,12 +6,11 @@
 //! rumqttc reports `Outgoing::Publish(pkid)` in the order publishes leave its queue, and a
 //! PUBACK names only the pkid. So the driver registers each desired publish as it hands it to
 //! rumqttc, and the n-th reported id belongs to the n-th registration. When the connection
-//! drops, rumqttc keeps or discards what it had queued depending on the session, so the
-//! tracker forgets everything ([`Tracker::reset`]); at the next CONNACK it is told how many
-//! publishes of the old session rumqttc will send again first ([`Tracker::expect_resends`]),
-//! and those ids are skipped. A forgotten publish is never recorded as delivered: the downlink
-//! publishes it again (retained, so a repeat is harmless). A wrong match would record the wrong
-//! document as delivered, which is the one thing this must never do.
+//! drops, the driver removes our publishes from rumqttc's queue of things to resend and the
+//! tracker forgets everything ([`Tracker::reset`]): a forgotten publish is never recorded as
+//! delivered, and the downlink publishes it again (retained, so a repeat is harmless). A wrong
+//! match would record the wrong document as delivered, which is the one thing this must never
+//! do.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -30,8 +29,6 @@ pub struct Tracker {
     awaiting: VecDeque<Published>,
     /// Sent, waiting for the broker's PUBACK.
     in_flight: HashMap<u16, Published>,
-    /// Publishes of the last session rumqttc sends again before any new one.
-    resends: usize,
 }
 
 impl Tracker {
@@ -47,10 +44,6 @@ impl Tracker {
 
     /// rumqttc sent a publish with this id.
     pub fn sent(&mut self, pkid: u16) {
-        if self.resends > 0 {
-            self.resends -= 1;
-            return;
-        }
         if let Some(p) = self.awaiting.pop_front() {
             self.in_flight.insert(pkid, p);
         }
@@ -65,12 +58,6 @@ impl Tracker {
     pub fn reset(&mut self) {
         self.awaiting.clear();
         self.in_flight.clear();
-        self.resends = 0;
-    }
-
-    /// A new connection resumed the session; rumqttc will first send `n` old publishes.
-    pub fn expect_resends(&mut self, n: usize) {
-        self.resends = n;
     }
 }
 
@@ -99,21 +86,20 @@ mod tests {
     }
 
     #[test]
-    fn after_a_drop_old_resends_never_take_a_new_documents_place() {
+    fn after_a_drop_nothing_of_the_old_connection_is_matched() {
         let mut t = Tracker::default();
         t.handed(p("a", 1));
         t.handed(p("b", 2));
         t.sent(10);
         t.reset();
-        // The session was resumed: rumqttc resends "a" (id 10) and "b" (new id 11) first.
-        t.expect_resends(2);
         t.handed(p("c", 3));
         t.sent(10);
-        t.sent(11);
-        t.sent(12);
-        assert_eq!(t.acknowledged(10), None);
+        assert_eq!(
+            t.acknowledged(10),
+            Some(p("c", 3)),
+            "the new publish, not the old one"
+        );
         assert_eq!(t.acknowledged(11), None);
-        assert_eq!(t.acknowledged(12), Some(p("c", 3)));
     }
 
     #[test]

@@ -25,12 +25,14 @@
 //! the connection is dropped at once and the next one waits out the backoff; the broker then
 //! resends them all, in order.
 //!
-//! **Cancel safety.** The driver waits on the poll and on the oldest commit at once, so a commit
-//! can interrupt a poll that is waiting on the network. rumqttc's read path only buffers, so
-//! nothing is lost there; an interrupted write (a socket too full to take it) can drop one
-//! outgoing packet, and each is recovered: a PUBACK by redelivery, a ping by reconnecting, a
-//! desired publish by the downlink's republish (its rumqttc in-flight slot is freed at the next
-//! reconnect).
+//! **Cancel safety.** The driver waits on the poll, the oldest commit and the desired queue at
+//! once, so either can interrupt a poll that is waiting on the network (or connecting: the
+//! attempt is simply made again). rumqttc's read path only buffers, so nothing is lost there.
+//! An interrupted write can drop one outgoing packet, only when rumqttc's buffer already holds
+//! 8 KiB and the socket takes nothing: a ping (recovered by reconnecting), a desired publish
+//! (published again by the downlink), or in theory the SUBSCRIBE right after a CONNACK (the
+//! buffer is empty then, so it does not happen in practice). The driver's own PUBACKs are
+//! written outside the poll and are never interrupted.
 //!
 //! **Backoff** grows with each failed or short-lived connection and resets only after one that
 //! lasted `STABLE_AFTER` (30 s), so a broker that keeps dropping us, or a full disk that makes us
@@ -177,9 +179,11 @@ pub fn spawn(cfg: &MqttConfig, links: Links, tracker: &TaskTracker) -> Result<Mq
     Ok(handle)
 }
 
-/// A message handed to the store, waiting for its commit before its PUBACK.
+/// A message handed to the store, waiting for its commit (and then its PUBACK, unless QoS 0).
 struct Unacked {
-    pkid: u16,
+    /// `None` for QoS 0: nothing to acknowledge, but a failed commit must still drop the
+    /// connection, or the store would hold back every later message of it.
+    pkid: Option<u16>,
     /// The connection it arrived on; its PUBACK is only valid there.
     generation: u64,
     topic: String,
@@ -215,6 +219,7 @@ impl Driver {
     async fn run(mut self, shutdown: CancellationToken, drain: Duration) {
         let filters = self.router.filters();
         let mut last_problem: Option<Problem> = None;
+        let mut subscribed_once = false;
         loop {
             self.send_acks().await;
             if std::mem::take(&mut self.must_pause) {
@@ -239,21 +244,20 @@ impl Driver {
                     self.connected = true;
                     last_problem = None;
                     self.connected_at = Some(tokio::time::Instant::now());
-                    // Publishes rumqttc kept from the last session go out first (none if the
-                    // broker lost the session: rumqttc has just dropped them).
-                    let resends = self
-                        .eventloop
-                        .pending
-                        .iter()
-                        .filter(|r| matches!(r, rumqttc::Request::Publish(_)))
-                        .count();
-                    self.tracker.expect_resends(resends);
                     self.health.set_mqtt(LinkState::Connected);
                     tracing::info!(session_present = ack.session_present, "connected to broker");
-                    for filter in &filters {
-                        if let Err(e) = self.client.try_subscribe(filter.clone(), QoS::AtLeastOnce)
-                        {
-                            tracing::error!(%filter, error = %e, "cannot queue subscription");
+                    // A resumed session keeps our subscriptions, and subscribing again would
+                    // make the broker resend every retained message (stored again, an old
+                    // retained state applied after newer ones). Subscribe when the session is
+                    // new, and once per process in case the configured topics changed.
+                    if !ack.session_present || !subscribed_once {
+                        subscribed_once = true;
+                        for filter in &filters {
+                            if let Err(e) =
+                                self.client.try_subscribe(filter.clone(), QoS::AtLeastOnce)
+                            {
+                                tracing::error!(%filter, error = %e, "cannot queue subscription");
+                            }
                         }
                     }
                 }
@@ -312,14 +316,13 @@ impl Driver {
                 return;
             }
         };
-        if publish.qos != QoS::AtMostOnce {
-            self.unacked.push_back(Unacked {
-                pkid: publish.pkid,
-                generation: self.generation,
-                topic: publish.topic,
-                write,
-            });
-        }
+        let pkid = (publish.qos != QoS::AtMostOnce).then_some(publish.pkid);
+        self.unacked.push_back(Unacked {
+            pkid,
+            generation: self.generation,
+            topic: publish.topic,
+            write,
+        });
     }
 
     /// Handles the oldest commit and every later one already answered. A failed write of the
@@ -355,10 +358,10 @@ impl Driver {
         match result {
             Ok(outcome) => {
                 if outcome == Outcome::Duplicate {
-                    tracing::debug!(topic = %done.topic, pkid = done.pkid, "redelivery of a stored message; acknowledged again");
+                    tracing::debug!(topic = %done.topic, pkid = ?done.pkid, "redelivery of a stored message; acknowledged again");
                 }
-                if current {
-                    self.ready.push(done.pkid);
+                if current && let Some(pkid) = done.pkid {
+                    self.ready.push(pkid);
                 }
             }
             Err(e) if current => failed.push((done.topic, e)),
@@ -438,6 +441,13 @@ impl Driver {
         // Events rumqttc read before the failure would otherwise be handed out after the
         // reconnect, and their PUBACKs would name packet ids of the new session.
         self.eventloop.state.events.clear();
+        // Our unacknowledged desired publishes are not resent by rumqttc: their events could
+        // not be told from new ones (and a resend can collide with a new publish's packet id).
+        // The downlink publishes again whatever the broker did not acknowledge.
+        self.eventloop
+            .pending
+            .retain(|r| !matches!(r, rumqttc::Request::Publish(_)));
+        self.eventloop.state.collision = None;
         self.tracker.reset();
         self.health.set_mqtt(state);
     }
@@ -475,7 +485,12 @@ impl Driver {
                 }
             }
         }
-        self.send_acks().await;
+        if tokio::time::timeout_at(until, self.send_acks())
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown deadline reached while sending acknowledgements");
+        }
         if self.eventloop.network.is_none() {
             // Not connected: polling would connect just to say goodbye.
             self.health.set_mqtt(LinkState::Down);
