@@ -19,6 +19,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::FormatChoice;
 
+mod secret;
+
+pub use secret::Secret;
+use secret::read_secret;
+
 /// The annotated default configuration, embedded so `nn-gateway run` works with no file.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/gateway.toml");
 
@@ -258,33 +263,6 @@ impl Default for LogConfig {
             level: "info".into(),
             format: LogFormat::Auto,
         }
-    }
-}
-
-/// A credential. Its `Debug` and `Serialize` never show the value, and it has no `Display`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Secret {
-        Secret(value.into())
-    }
-
-    /// The value, for the one place that puts it on the wire.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl Serialize for Secret {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str("<redacted>")
     }
 }
 
@@ -558,48 +536,6 @@ mod erased {
             toml::to_string(self).unwrap_or_default()
         }
     }
-}
-
-/// Reads a secret from an explicit file, else from the systemd credential `credential`.
-fn read_secret(
-    origin: &str,
-    key: &str,
-    file: Option<&Path>,
-    creds: Option<&Path>,
-    credential: &str,
-) -> Result<Secret, ConfigError> {
-    let path = match (file, creds) {
-        (Some(f), _) => f.to_path_buf(),
-        (None, Some(dir)) if dir.join(credential).is_file() => dir.join(credential),
-        _ => {
-            return Err(ConfigError {
-                origin: origin.to_owned(),
-                message: format!(
-                    "no secret for `{key}`: set {key} to a file holding it, or pass systemd \
-                     credential `{credential}` (LoadCredential=)"
-                ),
-                key: Some(key.to_owned()),
-            });
-        }
-    };
-    let text = std::fs::read_to_string(&path).map_err(|e| {
-        ConfigError::at(
-            origin,
-            key,
-            path.display(),
-            &format!("cannot read the secret: {e}"),
-        )
-    })?;
-    let value = text.lines().next().unwrap_or("").trim();
-    if value.is_empty() {
-        return Err(ConfigError::at(
-            origin,
-            key,
-            path.display(),
-            "the secret file is empty",
-        ));
-    }
-    Ok(Secret::new(value))
 }
 
 #[cfg(test)]
