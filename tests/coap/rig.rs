@@ -12,7 +12,7 @@ use nn_gateway::coap::{self, CoapHandle};
 use nn_gateway::config::{CoapConfig, Synchronous};
 use nn_gateway::model::{DeviceKey, Origin, Target};
 use nn_gateway::store::{DesiredDoc, OpenOptions, Store};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::net::UdpSocket;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
