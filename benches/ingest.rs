@@ -16,8 +16,10 @@ use std::time::{Duration, Instant};
 
 use nn_gateway::config::Synchronous;
 use nn_gateway::store::Db;
-use rumqttc::{AsyncClient, MqttOptions, QoS};
-use support::{Device, Gateway, Mosquitto, assert_each_once_in_order, config, wait_subscribed};
+use support::{
+    Device, Gateway, Mosquitto, Numbered, assert_each_once_in_order, config, stored_points,
+    wait_subscribed,
+};
 
 const DEVICES: u64 = 10;
 
@@ -37,51 +39,27 @@ async fn one_run(messages: u64, sync: Synchronous) -> f64 {
     let probe = Device::connect(broker.port, "probe").await;
     wait_subscribed(&probe, &gw.db).await;
 
-    let mut opts = MqttOptions::new("bench-devices", "127.0.0.1", broker.port);
-    opts.set_inflight(1000);
-    let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
-    // The devices' connection; aborted at the end of the run.
-    let driver = tokio::spawn(async move {
-        loop {
-            if eventloop.poll().await.is_err() {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    });
-    let payloads: Vec<(String, String)> = (0..messages)
-        .map(|i| {
-            (
-                format!("devices/bench-{}/telemetry", i % DEVICES),
-                format!(r#"{{"n":{i},"temp":21.5,"humidity":40.2,"battery":3.61}}"#),
-            )
-        })
-        .collect();
-
-    let started = Instant::now();
-    tokio::spawn(async move {
-        for (topic, payload) in payloads {
-            client
-                .publish(topic, QoS::AtLeastOnce, false, payload)
-                .await
-                .unwrap();
-        }
-        client
-    });
-    let db = gw.db.clone();
-    let conn = loop {
-        if let Ok(c) = Db::open_readonly(&db) {
-            break c;
-        }
+    let stream = Numbered {
+        prefix: "bench-",
+        devices: DEVICES,
+        total: messages,
+        extra: r#","temp":21.5,"humidity":40.2,"battery":3.61"#,
     };
-    loop {
-        let stored: i64 = conn.status().map(|s| s.telemetry_points).unwrap_or(0);
-        if stored as u64 >= messages {
-            break;
-        }
+    let started = Instant::now();
+    let devices = stream.publish(broker.port, "bench-devices");
+    // Polled fast: the clock stops at the last commit.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while stored_points(&gw.db) < messages {
+        assert!(
+            Instant::now() < deadline,
+            "stuck at {} stored",
+            stored_points(&gw.db)
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let elapsed = started.elapsed();
-    driver.abort();
+    devices.await.unwrap();
+    let conn = Db::open_readonly(&gw.db).unwrap();
 
     assert_each_once_in_order(&conn, "bench-", DEVICES, messages);
     gw.stop().await;

@@ -12,8 +12,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nn_gateway::store::Db;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use support::{Device, Mosquitto, assert_each_once_in_order, wait_subscribed};
+use support::{
+    Device, Mosquitto, Numbered, assert_each_once_in_order, stored_points, wait_for_points,
+    wait_subscribed,
+};
 
 const MESSAGES: u64 = 4000;
 const DEVICES: u64 = 4;
@@ -58,12 +60,6 @@ impl Drop for Gateway {
     }
 }
 
-fn stored(db: &Path) -> u64 {
-    Db::open_readonly(db)
-        .and_then(|d| d.status())
-        .map_or(0, |s| s.telemetry_points as u64)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_loses_nothing_and_keeps_order_once_space_returns() {
     let dir = tempfile::tempdir().unwrap();
@@ -95,38 +91,26 @@ async fn a_full_disk_loses_nothing_and_keeps_order_once_space_returns() {
     let probe = Device::connect(broker.port, "probe").await;
     wait_subscribed(&probe, &db).await;
 
-    // Publish more than 2 MiB can hold, and wait for the broker's PUBACK of each.
-    let mut opts = MqttOptions::new("disk-full-devices", "127.0.0.1", broker.port);
-    opts.set_inflight(100);
-    let (client, mut eventloop) = AsyncClient::new(opts, 1000);
-    let acked = tokio::spawn(async move {
-        let mut acks = 0;
-        while acks < MESSAGES {
-            if let Ok(Event::Incoming(Packet::PubAck(_))) = eventloop.poll().await {
-                acks += 1;
-            }
-        }
-    });
-    let padding = "x".repeat(600);
-    for i in 0..MESSAGES {
-        let topic = format!("devices/full-{}/telemetry", i % DEVICES);
-        let payload = format!(r#"{{"n":{i},"pad":"{padding}"}}"#);
-        client
-            .publish(topic, QoS::AtLeastOnce, false, payload)
-            .await
-            .unwrap();
-    }
+    // Publish more than 2 MiB can hold; the broker acknowledges each.
+    let padding = format!(r#","pad":"{}""#, "x".repeat(600));
+    let stream = Numbered {
+        prefix: "full-",
+        devices: DEVICES,
+        total: MESSAGES,
+        extra: &padding,
+    };
+    let acked = stream.publish(broker.port, "disk-full-devices");
     tokio::time::timeout(Duration::from_secs(60), acked)
         .await
         .unwrap()
         .unwrap();
 
     // The disk fills: the count stops short of everything.
-    let mut last = stored(&db);
+    let mut last = stored_points(&db);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         tokio::time::sleep(Duration::from_millis(1000)).await;
-        let now = stored(&db);
+        let now = stored_points(&db);
         if now == last {
             break;
         }
@@ -145,15 +129,7 @@ async fn a_full_disk_loses_nothing_and_keeps_order_once_space_returns() {
 
     // Space returns: the broker resends what was not acknowledged, in order.
     fs.resize("64m");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while stored(&db) < MESSAGES {
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {MESSAGES} stored after the disk recovered",
-            stored(&db)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_points(&db, MESSAGES, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let conn = Db::open_readonly(&db).unwrap();
     assert_each_once_in_order(&conn, "full-", DEVICES, MESSAGES);

@@ -8,11 +8,13 @@
 mod support;
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nn_gateway::store::Db;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use support::{Device, Mosquitto, assert_each_once_in_order, wait_subscribed};
+use support::{
+    Device, Mosquitto, Numbered, assert_each_once_in_order, stored_points, wait_for_points,
+    wait_subscribed,
+};
 
 const MESSAGES: u64 = 20_000;
 const DEVICES: u64 = 4;
@@ -32,12 +34,6 @@ fn spawn_gateway(config: &std::path::Path, log: &std::path::Path) -> Child {
         .stderr(log)
         .spawn()
         .unwrap()
-}
-
-fn stored(db: &std::path::Path) -> usize {
-    Db::open_readonly(db)
-        .and_then(|d| d.status())
-        .map_or(0, |s| s.telemetry_points as usize)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -60,45 +56,21 @@ async fn sigkill_three_times_mid_stream_loses_nothing_and_duplicates_nothing() {
     let mut gateway = spawn_gateway(&config, &log);
     let probe = Device::connect(broker.port, "probe").await;
     wait_subscribed(&probe, &db).await;
-    let baseline = stored(&db); // The probe's own messages are state, not telemetry.
+    let baseline = stored_points(&db); // The probe's own messages are state, not telemetry.
 
-    // The devices: publish every message and wait for the broker's PUBACK of each.
-    let mut opts = MqttOptions::new("durability-devices", "127.0.0.1", broker.port);
-    opts.set_inflight(100);
-    let (client, mut eventloop) = AsyncClient::new(opts, 1000);
-    let acked = tokio::spawn(async move {
-        let mut acks = 0;
-        while acks < MESSAGES {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => acks += 1,
-                Ok(_) => {}
-                Err(e) => panic!("test publisher lost the broker: {e}"),
-            }
-        }
-    });
-    tokio::spawn(async move {
-        for i in 0..MESSAGES {
-            let topic = format!("devices/meter-{}/telemetry", i % DEVICES);
-            client
-                .publish(topic, QoS::AtLeastOnce, false, format!(r#"{{"n":{i}}}"#))
-                .await
-                .unwrap();
-        }
-        client
-    });
+    // The devices: every message published, each acknowledged by the broker.
+    let stream = Numbered {
+        prefix: "meter-",
+        devices: DEVICES,
+        total: MESSAGES,
+        extra: "",
+    };
+    let acked = stream.publish(broker.port, "durability-devices");
 
     // Kill the gateway with SIGKILL at spread-out points of the stream, restarting it each time.
     for k in 1..=KILLS {
-        let target = baseline + (MESSAGES as usize * k) / (KILLS + 1);
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while stored(&db) < target {
-            assert!(
-                Instant::now() < deadline,
-                "stuck below {target} stored; log: {}",
-                log.display()
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let target = baseline + (MESSAGES * k as u64) / (KILLS as u64 + 1);
+        wait_for_points(&db, target, Duration::from_secs(120)).await;
         gateway.kill().unwrap(); // SIGKILL
         gateway.wait().unwrap();
         gateway = spawn_gateway(&config, &log);
@@ -108,15 +80,7 @@ async fn sigkill_three_times_mid_stream_loses_nothing_and_duplicates_nothing() {
         .unwrap()
         .unwrap();
 
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while stored(&db) < MESSAGES as usize {
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {MESSAGES} stored",
-            stored(&db)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_points(&db, MESSAGES, Duration::from_secs(120)).await;
     // Give late duplicates, if any, the time to show up before counting.
     tokio::time::sleep(Duration::from_millis(500)).await;
     gateway.kill().unwrap();

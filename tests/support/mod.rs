@@ -336,3 +336,69 @@ pub fn run_daemon_binary_for(env: &[(&str, &str)], duration: Duration) -> (bool,
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Messages `0..total` as devices `{prefix}0..{prefix}{devices-1}` send them, round-robin:
+/// QoS 1 telemetry `{"n": i<extra>}` (`extra` adds fields, e.g. `,"pad":"xx"`).
+pub struct Numbered<'a> {
+    pub prefix: &'a str,
+    pub devices: u64,
+    pub total: u64,
+    pub extra: &'a str,
+}
+
+impl Numbered<'_> {
+    /// Builds every message, then publishes them from one client on a task of their own. The
+    /// returned task ends when the broker has acknowledged each one.
+    pub fn publish(&self, port: u16, client_id: &str) -> JoinHandle<()> {
+        let messages: Vec<(String, String)> = (0..self.total)
+            .map(|i| {
+                let topic = format!("devices/{}{}/telemetry", self.prefix, i % self.devices);
+                (topic, format!(r#"{{"n":{i}{}}}"#, self.extra))
+            })
+            .collect();
+        let total = self.total;
+        let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+        opts.set_inflight(1000);
+        let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
+        tokio::spawn(async move {
+            let publisher = tokio::spawn(async move {
+                for (topic, payload) in messages {
+                    client
+                        .publish(topic, QoS::AtLeastOnce, false, payload)
+                        .await
+                        .unwrap();
+                }
+                client // Kept alive until every PUBACK is in.
+            });
+            let mut acks = 0;
+            while acks < total {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => acks += 1,
+                    Ok(_) => {}
+                    Err(e) => panic!("test publisher lost the broker: {e}"),
+                }
+            }
+            drop(publisher.await);
+        })
+    }
+}
+
+/// Telemetry points in the database (0 while it cannot be opened).
+pub fn stored_points(db: &Path) -> u64 {
+    Db::open_readonly(db)
+        .and_then(|d| d.status())
+        .map_or(0, |s| s.telemetry_points as u64)
+}
+
+/// Waits until at least `count` telemetry points are stored.
+pub async fn wait_for_points(db: &Path, count: u64, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while stored_points(db) < count {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {count} points stored within {timeout:?}",
+            stored_points(db)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
