@@ -16,10 +16,7 @@ use std::time::{Duration, Instant};
 
 use nn_gateway::config::Synchronous;
 use nn_gateway::store::Db;
-use support::{
-    Device, Gateway, Mosquitto, Numbered, assert_each_once_in_order, config, stored_points,
-    wait_subscribed,
-};
+use support::{Numbered, Site, assert_each_once_in_order, stored_points};
 
 const DEVICES: u64 = 10;
 
@@ -31,13 +28,8 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 }
 
 async fn one_run(messages: u64, sync: Synchronous) -> f64 {
-    let broker = Mosquitto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(dir.path(), broker.port, "gw-bench");
-    cfg.storage.synchronous = sync;
-    let gw = Gateway::start(cfg).await;
-    let probe = Device::connect(broker.port, "probe").await;
-    wait_subscribed(&probe, &gw.db).await;
+    let site = Site::start_with("gw-bench", |cfg, _| cfg.storage.synchronous = sync).await;
+    let _probe = site.device("probe").await;
 
     let stream = Numbered {
         prefix: "bench-",
@@ -46,23 +38,23 @@ async fn one_run(messages: u64, sync: Synchronous) -> f64 {
         extra: r#","temp":21.5,"humidity":40.2,"battery":3.61"#,
     };
     let started = Instant::now();
-    let devices = stream.publish(broker.port, "bench-devices");
+    let devices = stream.publish(site.broker.port, "bench-devices");
     // Polled fast: the clock stops at the last commit.
     let deadline = Instant::now() + Duration::from_secs(300);
-    while stored_points(&gw.db) < messages {
+    while stored_points(&site.gw.db) < messages {
         assert!(
             Instant::now() < deadline,
             "stuck at {} stored",
-            stored_points(&gw.db)
+            stored_points(&site.gw.db)
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let elapsed = started.elapsed();
     devices.await.unwrap();
-    let conn = Db::open_readonly(&gw.db).unwrap();
+    let conn = Db::open_readonly(&site.gw.db).unwrap();
 
     assert_each_once_in_order(&conn, "bench-", DEVICES, messages);
-    gw.stop().await;
+    site.gw.stop().await;
     messages as f64 / elapsed.as_secs_f64()
 }
 

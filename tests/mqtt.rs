@@ -11,7 +11,7 @@ use std::time::Duration;
 use nn_gateway::model::DeviceKey;
 use nn_gateway::store::Db;
 use serde_json::{Value, json};
-use support::{Device, Gateway, Mosquitto, cbor, config, wait_for, wait_subscribed};
+use support::{Device, Gateway, Mosquitto, Site, cbor, config, wait_for, wait_subscribed};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -25,11 +25,8 @@ fn reported(db: &Db, key: &str) -> Option<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_patches_in_json_and_cbor_merge_into_one_document() {
-    let broker = Mosquitto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(config(dir.path(), broker.port, "gw-state")).await;
-    let dev = Device::connect(broker.port, "dev-state").await;
-    wait_subscribed(&dev, &gw.db).await;
+    let site = Site::start("gw-state").await;
+    let dev = site.device("dev-state").await;
 
     dev.publish(
         "devices/th-1/state",
@@ -43,28 +40,26 @@ async fn state_patches_in_json_and_cbor_merge_into_one_document() {
     .await;
 
     let want = json!({"temp":21.5,"fw":"1.1","nested":{"a":1,"c":3}});
-    let got = wait_for(&gw.db, WAIT, |db| {
+    let got = wait_for(&site.gw.db, WAIT, |db| {
         reported(db, "th-1").filter(|doc| *doc == want)
     })
     .await;
     assert_eq!(got, want);
-    gw.stop().await;
+    site.gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn telemetry_points_in_json_and_cbor_are_stored_in_order_with_outbox_rows() {
-    let broker = Mosquitto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(dir.path(), broker.port, "gw-telemetry");
     // A cloud that takes telemetry, enabled with a key file, so outbox rows are written.
-    let key = dir.path().join("nn.key");
-    std::fs::write(&key, "test-key\n").unwrap();
-    cfg.netneural.enabled = true;
-    cfg.netneural.url = "http://127.0.0.1:9".into();
-    cfg.netneural.api_key_file = Some(key);
-    let gw = Gateway::start(cfg).await;
-    let dev = Device::connect(broker.port, "dev-telemetry").await;
-    wait_subscribed(&dev, &gw.db).await;
+    let site = Site::start_with("gw-telemetry", |cfg, dir| {
+        let key = dir.join("nn.key");
+        std::fs::write(&key, "test-key\n").unwrap();
+        cfg.netneural.enabled = true;
+        cfg.netneural.url = "http://127.0.0.1:9".into();
+        cfg.netneural.api_key_file = Some(key);
+    })
+    .await;
+    let dev = site.device("dev-telemetry").await;
 
     dev.publish(
         "devices/m-1/telemetry",
@@ -80,7 +75,7 @@ async fn telemetry_points_in_json_and_cbor_are_stored_in_order_with_outbox_rows(
         .await;
 
     let key = DeviceKey::parse("m-1").unwrap();
-    let points = wait_for(&gw.db, WAIT, |db| {
+    let points = wait_for(&site.gw.db, WAIT, |db| {
         db.telemetry_payloads(&key).ok().filter(|p| p.len() == 4)
     })
     .await;
@@ -93,7 +88,7 @@ async fn telemetry_points_in_json_and_cbor_are_stored_in_order_with_outbox_rows(
             json!({"kwh":4})
         ]
     );
-    let status = Db::open_readonly(&gw.db).unwrap().status().unwrap();
+    let status = Db::open_readonly(&site.gw.db).unwrap().status().unwrap();
     let pending: i64 = status
         .outbox
         .iter()
@@ -106,18 +101,13 @@ async fn telemetry_points_in_json_and_cbor_are_stored_in_order_with_outbox_rows(
         "one outbox row per point for the telemetry cloud: {:?}",
         status.outbox
     );
-    gw.stop().await;
+    site.gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_messages_are_rejected_visibly_and_do_not_block_the_ones_behind() {
-    let broker = Mosquitto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(dir.path(), broker.port, "gw-reject");
-    cfg.mqtt.max_message_size = 1024;
-    let gw = Gateway::start(cfg).await;
-    let dev = Device::connect(broker.port, "dev-reject").await;
-    wait_subscribed(&dev, &gw.db).await;
+    let site = Site::start_with("gw-reject", |cfg, _| cfg.mqtt.max_message_size = 1024).await;
+    let dev = site.device("dev-reject").await;
 
     dev.publish("devices/bad-1/state", b"{not json".to_vec())
         .await;
@@ -129,8 +119,8 @@ async fn bad_messages_are_rejected_visibly_and_do_not_block_the_ones_behind() {
     dev.publish("devices/good-1/state", br#"{"ok":true}"#.to_vec())
         .await;
 
-    wait_for(&gw.db, WAIT, |db| reported(db, "good-1")).await;
-    let rejected = wait_for(&gw.db, WAIT, |db| {
+    wait_for(&site.gw.db, WAIT, |db| reported(db, "good-1")).await;
+    let rejected = wait_for(&site.gw.db, WAIT, |db| {
         db.rejected(10).ok().filter(|r| r.len() == 4)
     })
     .await;
@@ -143,35 +133,33 @@ async fn bad_messages_are_rejected_visibly_and_do_not_block_the_ones_behind() {
         "{reasons:?}"
     );
     assert_eq!(rejected.last().unwrap().device.as_deref(), Some("bad-1"));
-    let status = Db::open_readonly(&gw.db).unwrap().status().unwrap();
+    let status = Db::open_readonly(&site.gw.db).unwrap().status().unwrap();
     assert_eq!(status.rejected_total, 4);
     assert_eq!(
         status.devices, 2,
         "rejected messages create no device (good-1 and the probe)"
     );
-    gw.stop().await;
+    site.gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_desired_edit_reaches_a_subscriber_as_a_retained_message() {
-    let broker = Mosquitto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(config(dir.path(), broker.port, "gw-desired")).await;
+    let site = Site::start("gw-desired").await;
 
     // The operator's edit, made the way `nn-gateway desired set` makes it (another connection).
-    let out =
-        nn_gateway::cli::set_desired(&gw.db, "valve-7", r#"{"open":true,"limit":40}"#).unwrap();
+    let out = nn_gateway::cli::set_desired(&site.gw.db, "valve-7", r#"{"open":true,"limit":40}"#)
+        .unwrap();
     assert!(out.contains("version 1"), "{out}");
 
     // Published retained: a subscriber that arrives later still gets it.
-    let db = gw.db.clone();
+    let db = site.gw.db.clone();
     wait_for(&db, WAIT, |db| {
         db.status()
             .ok()
             .filter(|s| s.desired_unpublished == 0 && s.devices == 1)
     })
     .await;
-    let mut dev = Device::connect(broker.port, "valve-7-client").await;
+    let mut dev = Device::connect(site.broker.port, "valve-7-client").await;
     dev.client
         .subscribe("devices/valve-7/desired", rumqttc::QoS::AtLeastOnce)
         .await
@@ -187,7 +175,7 @@ async fn a_desired_edit_reaches_a_subscriber_as_a_retained_message() {
     );
 
     // A second edit reaches the live subscriber.
-    nn_gateway::cli::set_desired(&gw.db, "valve-7", r#"{"open":false}"#).unwrap();
+    nn_gateway::cli::set_desired(&site.gw.db, "valve-7", r#"{"open":false}"#).unwrap();
     let msg = tokio::time::timeout(WAIT, dev.events.recv())
         .await
         .unwrap()
@@ -196,7 +184,7 @@ async fn a_desired_edit_reaches_a_subscriber_as_a_retained_message() {
         serde_json::from_slice::<Value>(&msg.payload).unwrap(),
         json!({"open":false})
     );
-    gw.stop().await;
+    site.gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

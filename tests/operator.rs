@@ -10,7 +10,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{Device, Gateway, Mosquitto, config, free_port, wait_for, wait_subscribed};
+use support::{Device, Site, free_port, wait_for};
 
 fn gateway(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_nn-gateway"))
@@ -84,11 +84,8 @@ fn check_config_prints_the_effective_config_with_secrets_redacted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_and_devices_show_what_arrived_while_the_daemon_runs() {
-    let broker = Mosquitto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(config(dir.path(), broker.port, "gw-operator")).await;
-    let dev = Device::connect(broker.port, "dev-operator").await;
-    wait_subscribed(&dev, &gw.db).await;
+    let site = Site::start("gw-operator").await;
+    let dev = site.device("dev-operator").await;
     dev.publish("devices/pump-3/state", br#"{"rpm":1200}"#.to_vec())
         .await;
     dev.publish(
@@ -98,14 +95,14 @@ async fn status_and_devices_show_what_arrived_while_the_daemon_runs() {
     .await;
     dev.publish("devices/pump-3/state", b"garbage".to_vec())
         .await;
-    wait_for(&gw.db, Duration::from_secs(10), |db| {
+    wait_for(&site.gw.db, Duration::from_secs(10), |db| {
         db.status()
             .ok()
             .filter(|s| s.telemetry_points == 2 && s.rejected_total == 1)
     })
     .await;
 
-    let db = gw.db.to_str().unwrap().to_owned();
+    let db = site.gw.db.to_str().unwrap().to_owned();
     let env = [("NNGW_STORAGE__PATH", db.as_str())];
     let out = gateway(&["status", "--json"], &env);
     assert!(out.status.success(), "{}", text(&out));
@@ -138,7 +135,7 @@ async fn status_and_devices_show_what_arrived_while_the_daemon_runs() {
         rejected.contains("invalid") || rejected.contains("neither"),
         "{rejected}"
     );
-    gw.stop().await;
+    site.gw.stop().await;
     let human = text(&gateway(&["status"], &env));
     assert!(
         human.contains("daemon         not running; stopped cleanly"),
@@ -148,10 +145,8 @@ async fn status_and_devices_show_what_arrived_while_the_daemon_runs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn desired_set_reaches_an_mqtt_subscriber_and_a_coap_observer() {
-    let broker = Mosquitto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(config(dir.path(), broker.port, "gw-downlink")).await;
-    let mut subscriber = Device::connect(broker.port, "lamp-9-mqtt").await;
+    let site = Site::start("gw-downlink").await;
+    let mut subscriber = Device::connect(site.broker.port, "lamp-9-mqtt").await;
     subscriber
         .client
         .subscribe("devices/lamp-9/desired", rumqttc::QoS::AtLeastOnce)
@@ -159,7 +154,7 @@ async fn desired_set_reaches_an_mqtt_subscriber_and_a_coap_observer() {
         .unwrap();
 
     // A real CoAP observer for 4 seconds.
-    let uri = format!("coap://127.0.0.1:{}/d/lamp-9/desired", gw.coap_port);
+    let uri = format!("coap://127.0.0.1:{}/d/lamp-9/desired", site.gw.coap_port);
     let observer = std::thread::spawn(move || {
         Command::new("coap-client-notls")
             .args(["-m", "get", "-s", "4", &uri])
@@ -170,7 +165,7 @@ async fn desired_set_reaches_an_mqtt_subscriber_and_a_coap_observer() {
 
     // Several edits through the binary while it observes: whatever its first GET returned, at
     // least one later edit can only have reached it as a notification.
-    let db = gw.db.to_str().unwrap().to_owned();
+    let db = site.gw.db.to_str().unwrap().to_owned();
     for level in 1..=6 {
         let out = gateway(
             &[
@@ -205,7 +200,7 @@ async fn desired_set_reaches_an_mqtt_subscriber_and_a_coap_observer() {
             .unwrap();
         last = serde_json::from_slice(&msg.payload).unwrap();
     }
-    gw.stop().await;
+    site.gw.stop().await;
 }
 
 #[test]

@@ -402,3 +402,33 @@ pub async fn wait_for_points(db: &Path, count: u64, timeout: Duration) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// A site for one test: its own broker and a gateway on a temporary database.
+pub struct Site {
+    pub broker: Mosquitto,
+    pub gw: Gateway,
+    pub dir: tempfile::TempDir,
+}
+
+impl Site {
+    pub async fn start(client_id: &str) -> Site {
+        Site::start_with(client_id, |_, _| {}).await
+    }
+
+    /// Lets the test change the configuration (given the temporary directory) first.
+    pub async fn start_with(client_id: &str, tweak: impl FnOnce(&mut Config, &Path)) -> Site {
+        let broker = Mosquitto::start();
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path(), broker.port, client_id);
+        tweak(&mut cfg, dir.path());
+        let gw = Gateway::start(cfg).await;
+        Site { broker, gw, dir }
+    }
+
+    /// A device client, returned once the gateway's subscription is proven.
+    pub async fn device(&self, id: &str) -> Device {
+        let dev = Device::connect(self.broker.port, id).await;
+        wait_subscribed(&dev, &self.gw.db).await;
+        dev
+    }
+}
