@@ -16,6 +16,8 @@
 //!   [`coap::exchange`] (retransmission cache) and [`coap::observe`] (observer registry).
 //!
 //! I/O:
+//! - [`cloud`]: what both cloud clients share — the typed [`cloud::CloudError`] (which cloud,
+//!   which request, what failed, retried or not), the HTTP client set-up, `Retry-After`.
 //! - [`config`]: the typed configuration, from TOML and `NNGW_` environment variables.
 //! - [`store`]: the SQLite mirror — migrations, all SQL, and the store thread with group commit.
 //! - [`mqtt`]: rumqttc client of the site broker — ingest acknowledged after commit, in
@@ -29,6 +31,7 @@
 
 pub mod backoff;
 pub mod cli;
+pub mod cloud;
 pub mod coap;
 pub mod codec;
 pub mod config;

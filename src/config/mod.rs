@@ -19,7 +19,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::FormatChoice;
 
+mod cloud;
 mod secret;
+
+pub use cloud::{GoliothConfig, IdTemplate, NetNeuralConfig};
 
 pub use secret::Secret;
 use secret::read_secret;
@@ -56,6 +59,11 @@ pub struct GatewayConfig {
     /// (the `desired set` command); edits made inside the daemon are published at once.
     #[serde(with = "humantime_serde")]
     pub downlink_poll: Duration,
+    /// Names this site in the clouds, which a whole fleet shares: `{site}` in `cloud_id`.
+    pub site_id: String,
+    /// The hardware id and name a device gets in both clouds, from `{site}` (`site_id`) and
+    /// `{device}` (the local key). Two sites with a `sensor-1` each need `"{site}-{device}"`.
+    pub cloud_id: IdTemplate,
 }
 
 impl Default for GatewayConfig {
@@ -63,6 +71,8 @@ impl Default for GatewayConfig {
         GatewayConfig {
             shutdown_timeout: Duration::from_secs(10),
             downlink_poll: Duration::from_secs(1),
+            site_id: String::new(),
+            cloud_id: IdTemplate::default(),
         }
     }
 }
@@ -195,49 +205,6 @@ impl Default for CoapConfig {
             max_message_size: 1024,
         }
     }
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct GoliothConfig {
-    pub enabled: bool,
-    pub api_url: String,
-    pub project_id: String,
-    /// File holding the API key; or credential `golioth-api-key`.
-    pub api_key_file: Option<PathBuf>,
-    /// LightDB State path of the device's reported state.
-    pub reported_path: String,
-    /// LightDB State path of the desired state the device observes.
-    pub desired_path: String,
-    #[serde(skip_deserializing)]
-    pub api_key: Option<Secret>,
-}
-
-impl Default for GoliothConfig {
-    fn default() -> Self {
-        GoliothConfig {
-            enabled: false,
-            api_url: "https://api.golioth.io".into(),
-            project_id: String::new(),
-            api_key_file: None,
-            reported_path: "state".into(),
-            desired_path: "desired".into(),
-            api_key: None,
-        }
-    }
-}
-
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct NetNeuralConfig {
-    pub enabled: bool,
-    /// The Supabase project URL, `https://<ref>.supabase.co`.
-    pub url: String,
-    pub organization_id: String,
-    /// File holding the service key; or credential `netneural-api-key`.
-    pub api_key_file: Option<PathBuf>,
-    #[serde(skip_deserializing)]
-    pub api_key: Option<Secret>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
@@ -453,22 +420,16 @@ impl Config {
                 "must be above zero",
             ));
         }
-        if self.golioth.enabled && self.golioth.project_id.is_empty() {
+        if self.gateway.cloud_id.uses_site() && self.gateway.site_id.is_empty() {
             return Err(ConfigError::at(
                 origin,
-                "golioth.project_id",
+                "gateway.site_id",
                 "\"\"",
-                "required when golioth.enabled = true",
+                "required: gateway.cloud_id uses {site}",
             ));
         }
-        if self.netneural.enabled && !self.netneural.url.starts_with("http") {
-            return Err(ConfigError::at(
-                origin,
-                "netneural.url",
-                format!("{:?}", self.netneural.url),
-                "required when netneural.enabled = true: the project URL, https://<ref>.supabase.co",
-            ));
-        }
+        self.golioth.validate(origin)?;
+        self.netneural.validate(origin)?;
         Ok(())
     }
 

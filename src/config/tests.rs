@@ -95,7 +95,7 @@ fn secrets_come_from_files_or_credentials_and_never_print() {
         "g.toml",
         &format!(
             "[golioth]\nenabled = true\nproject_id = \"p\"\n[netneural]\nenabled = true\n\
-             url = \"https://x.supabase.co\"\napi_key_file = {:?}\n",
+             url = \"https://x.supabase.co\"\norganization_id = \"o\"\nintegration_id = \"i\"\napi_key_file = {:?}\n",
             key_file.display().to_string()
         ),
     );
