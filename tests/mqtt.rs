@@ -55,7 +55,7 @@ async fn telemetry_points_in_json_and_cbor_are_stored_in_order_with_outbox_rows(
         let key = dir.join("nn.key");
         std::fs::write(&key, "test-key\n").unwrap();
         cfg.netneural.enabled = true;
-        cfg.netneural.url = "http://127.0.0.1:9".into();
+        cfg.netneural.url = Some("http://127.0.0.1:9".parse().unwrap());
         cfg.netneural.api_key_file = Some(key);
     })
     .await;
