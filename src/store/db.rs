@@ -16,7 +16,10 @@ use crate::config::Synchronous;
 use crate::model::{DeviceKey, Origin, Reading, Rejection, Target, UnixMillis};
 
 /// Migrations, in order; `PRAGMA user_version` counts how many are applied.
-const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/0001_init.sql"),
+    include_str!("migrations/0002_telemetry_cursor.sql"),
+];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -31,7 +34,7 @@ pub struct OpenOptions {
 }
 
 pub struct Db {
-    conn: Connection,
+    pub(super) conn: Connection,
     path: PathBuf,
     targets: Vec<Target>,
     rejected_keep: u32,
@@ -88,6 +91,7 @@ impl Db {
             mqtt_seq: 0,
         };
         db.migrate(found)?;
+        db.ensure_telemetry_cursors()?;
         db.install_id = db.meta("install_id")?.unwrap_or_default();
         db.mqtt_seq =
             db.conn
@@ -179,6 +183,23 @@ impl Db {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The clouds this database owes data to (those enabled when the daemon opened it).
+    pub fn targets(&self) -> &[Target] {
+        &self.targets
+    }
+
+    /// Random per database: the prefix of derived idempotency keys.
+    pub fn install_id(&self) -> &str {
+        &self.install_id
+    }
+
+    /// A write transaction that takes the lock at once, so a commit by another connection in
+    /// between cannot turn it into SQLITE_BUSY_SNAPSHOT (which the busy timeout does not cover).
+    pub(super) fn write_tx(&mut self) -> rusqlite::Result<rusqlite::Transaction<'_>> {
+        self.conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
     }
 
     /// Rows left "in flight" by a crash go back to "pending" (run once at start-up). A reported
@@ -539,7 +560,11 @@ impl Db {
         &mut self,
         policy: &super::retention::Policy,
     ) -> Result<super::retention::Report, StoreError> {
-        Ok(super::retention::enforce(&mut self.conn, policy)?)
+        Ok(super::retention::enforce(
+            &mut self.conn,
+            policy,
+            &self.targets,
+        )?)
     }
 
     /// A cheap query proving the connection works (watchdog).

@@ -11,6 +11,7 @@
 //! covers a whole batch.
 
 pub mod db;
+pub mod outbox;
 pub mod retention;
 #[cfg(test)]
 mod tests;
@@ -25,6 +26,7 @@ use std::thread;
 use tokio::sync::{mpsc, oneshot};
 
 pub use db::{Db, OpenOptions, SCHEMA_VERSION};
+pub use outbox::{DeviceIdent, OutboxRow, QueueRow, QueueView, Requeue, TelemetryItem};
 pub use views::{DaemonBeat, DesiredDoc, DeviceView, RejectedView, Status};
 pub use write::{DEDUP_SPAN, Outcome, WriteOp};
 

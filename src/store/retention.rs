@@ -3,12 +3,12 @@
 //! Blocking; run by the daemon every [`RETENTION_EVERY`] on the store thread.
 //!
 //! - **Age.** Telemetry older than `storage.telemetry_max_age` goes once nothing is owed on it
-//!   (no pending or in-flight outbox row): points still owed to a cloud wait for their
-//!   delivery, however old.
+//!   (at or below the delivery cursor of every enabled cloud that takes telemetry): points
+//!   still owed to a cloud wait for their delivery, however old.
 //! - **Size.** When the space the database uses passes `storage.max_size_mib`, the oldest
 //!   telemetry goes until it is back under [`LOW_WATER`] of the ceiling: first points already
 //!   delivered (or owed to no cloud), then, only if that is not enough, the oldest undelivered
-//!   ones with their outbox rows. Those are counted (`telemetry_dropped_undelivered` in
+//!   ones. Those are counted (`telemetry_dropped_undelivered` in
 //!   `status`) and logged, since a cloud will never see them.
 //!
 //! Reported state, desired state, conflicts and the outbox rows of anything but telemetry are
@@ -17,9 +17,9 @@
 
 use std::time::Duration;
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::model::UnixMillis;
+use crate::model::{Target, UnixMillis};
 
 /// How often the daemon enforces retention.
 pub const RETENTION_EVERY: Duration = Duration::from_secs(60);
@@ -56,16 +56,35 @@ pub struct Report {
     pub more: bool,
 }
 
-/// Telemetry with nothing owed on it.
-const DELIVERED: &str = "NOT EXISTS (SELECT 1 FROM outbox o WHERE o.telemetry_id = t.id
-                          AND o.state IN ('pending', 'in_flight'))";
+/// Telemetry with nothing owed on it: at or below the cursor of every cloud that takes it
+/// (`owed` lists those clouds; with none, every point is settled).
+fn delivered(conn: &Connection, owed: &[Target]) -> rusqlite::Result<String> {
+    let mut through = i64::MAX;
+    for target in owed.iter().filter(|t| t.takes_telemetry()) {
+        let cursor: Option<i64> = conn
+            .query_row(
+                "SELECT delivered_through FROM telemetry_cursor WHERE target = ?1",
+                [target.as_str()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        through = through.min(cursor.unwrap_or(0));
+    }
+    Ok(format!("t.id <= {through}"))
+}
 
-pub fn enforce(conn: &mut Connection, policy: &Policy) -> rusqlite::Result<Report> {
+pub fn enforce(
+    conn: &mut Connection,
+    policy: &Policy,
+    owed: &[Target],
+) -> rusqlite::Result<Report> {
     let mut report = Report::default();
+    let delivered = delivered(conn, owed)?;
+    let delivered = delivered.as_str();
     let mut budget = CHUNKS_PER_PASS;
     if let Some(age) = policy.max_age {
         let cutoff = UnixMillis::now().0 - i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
-        let filter = format!("t.received_at < {cutoff} AND {DELIVERED}");
+        let filter = format!("t.received_at < {cutoff} AND {delivered}");
         while budget > 0 {
             budget -= 1;
             match delete_oldest(conn, &filter, policy.chunk)? {
@@ -76,7 +95,7 @@ pub fn enforce(conn: &mut Connection, policy: &Policy) -> rusqlite::Result<Repor
     }
     if used_bytes(conn)? > policy.max_bytes {
         let target = (policy.max_bytes as f64 * LOW_WATER) as u64;
-        for (filter, undelivered) in [(DELIVERED, false), ("1", true)] {
+        for (filter, undelivered) in [(delivered, false), ("1", true)] {
             while budget > 0 && used_bytes(conn)? > target {
                 budget -= 1;
                 match delete_oldest(conn, filter, policy.chunk)? {
@@ -107,7 +126,8 @@ pub fn used_bytes(conn: &Connection) -> rusqlite::Result<u64> {
 }
 
 /// Deletes up to [`CHUNK`] of the oldest telemetry rows matching `filter` (over alias `t`),
-/// with any outbox rows that point at them, in one transaction. Returns how many went.
+/// with their dead letters, in one transaction. Returns how many went. A batch of the points
+/// in the air meanwhile settles by id range, so it neither fails nor brings them back.
 fn delete_oldest(conn: &mut Connection, filter: &str, chunk: i64) -> rusqlite::Result<u64> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     tx.execute(
@@ -122,7 +142,7 @@ fn delete_oldest(conn: &mut Connection, filter: &str, chunk: i64) -> rusqlite::R
         params![chunk],
     )?;
     tx.execute(
-        "DELETE FROM outbox WHERE telemetry_id IN (SELECT id FROM temp.doomed)",
+        "DELETE FROM telemetry_dead WHERE telemetry_id IN (SELECT id FROM temp.doomed)",
         [],
     )?;
     let n = tx.execute(

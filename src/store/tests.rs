@@ -101,8 +101,13 @@ fn reported_state_coalesces_to_one_pending_row_per_cloud_while_telemetry_goes_to
         outbox(&db),
         [
             ("golioth".into(), "pending".into(), 1),
-            ("netneural".into(), "pending".into(), 6)
+            ("netneural".into(), "pending".into(), 1)
         ]
+    );
+    assert_eq!(
+        db.queue(10).unwrap().telemetry_backlog,
+        [("netneural".to_owned(), 5)],
+        "telemetry is owed through NetNeural's cursor, not through rows"
     );
     let payload: String = db
         .conn()
@@ -318,7 +323,7 @@ fn reopening_applies_no_migration_twice_and_in_flight_rows_return_to_pending() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("g.db");
     let mut db = Db::open(&path, &opts(vec![Target::NetNeural])).unwrap();
-    db.apply_batch(&[telemetry("a", 1, None)]);
+    db.apply_batch(&[state("a", json!({"x": 1}), None)]);
     db.conn()
         .execute("UPDATE outbox SET state = 'in_flight'", [])
         .unwrap();
@@ -394,13 +399,12 @@ fn until_done(db: &mut Db, policy: &super::retention::Policy) -> super::retentio
     }
 }
 
-fn mark_delivered(db: &Db) {
-    db.conn()
-        .execute(
-            "UPDATE outbox SET state = 'done' WHERE operation = 'telemetry'",
-            [],
-        )
+fn mark_delivered(db: &mut Db) {
+    let newest: i64 = db
+        .conn()
+        .query_row("SELECT max(id) FROM telemetry", [], |r| r.get(0))
         .unwrap();
+    db.settle_telemetry(Target::NetNeural, newest, &[]).unwrap();
 }
 
 fn telemetry_ns(db: &Db, device: &str) -> Vec<i64> {
@@ -418,7 +422,7 @@ fn old_telemetry_goes_once_delivered_and_waits_while_owed() {
     let dir = tempfile::tempdir().unwrap();
     let mut db = Db::open(&dir.path().join("g.db"), &opts(vec![Target::NetNeural])).unwrap();
     db.apply_batch(&[telemetry("a", 0, None), telemetry("a", 1, None)]);
-    mark_delivered(&db);
+    mark_delivered(&mut db);
     db.apply_batch(&[telemetry("a", 2, None)]);
     db.conn()
         .execute(
@@ -438,7 +442,10 @@ fn old_telemetry_goes_once_delivered_and_waits_while_owed() {
         [2],
         "the point still owed to NetNeural stays"
     );
-    assert_eq!(outbox(&db), [("netneural".into(), "pending".into(), 1)]);
+    assert_eq!(
+        db.queue(10).unwrap().telemetry_backlog,
+        [("netneural".to_owned(), 1)]
+    );
 }
 
 #[test]
@@ -457,7 +464,7 @@ fn at_the_size_ceiling_delivered_telemetry_goes_first_then_undelivered_is_counte
     };
     let first: Vec<WriteOp> = (0..200).map(padded).collect();
     db.apply_batch(&first);
-    mark_delivered(&db);
+    mark_delivered(&mut db);
     let second: Vec<WriteOp> = (200..400).map(padded).collect();
     db.apply_batch(&second);
     db.apply_batch(&[state("a", json!({"keep": "me"}), None)]);

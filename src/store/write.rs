@@ -1,5 +1,6 @@
 //! The write path of ingest: one group commit's statements — devices, reported state with its
-//! coalesced outbox rows, telemetry with its outbox rows, rejections, and the recognition of
+//! coalesced outbox rows, telemetry (owed to the clouds through their cursors, see
+//! [`super::outbox`], so nothing per point for the uplink), rejections, and the recognition of
 //! MQTT redeliveries.
 //!
 //! Blocking; called by [`super::Db::apply_batch`] inside its transaction.
@@ -236,21 +237,6 @@ fn ingest(
                     Value::Object(point.data.clone()).to_string(),
                     msg.format.content_type()
                 ])?;
-                let telemetry_id = tx.last_insert_rowid();
-                for target in targets.iter().filter(|t| t.takes_telemetry()) {
-                    tx.prepare_cached(
-                        "INSERT INTO outbox(target, operation, device_id, telemetry_id, idempotency_key,
-                                            next_attempt_at, created_at, updated_at)
-                         VALUES (?1, 'telemetry', ?2, ?3, ?4, ?5, ?5, ?5)",
-                    )?
-                    .execute(params![
-                        target.as_str(),
-                        device_id,
-                        telemetry_id,
-                        format!("tm:{install_id}:{telemetry_id}"),
-                        now
-                    ])?;
-                }
             }
         }
     }

@@ -1,0 +1,502 @@
+//! The outbox aggregate: the SQL of the uplink lanes.
+//!
+//! Two queues, one per kind of thing owed:
+//! - **rows** in `outbox` for per-device operations (reported state now; registry and desired
+//!   state later). A lane takes due rows (`pending` → `in_flight`), then settles each: done
+//!   (deleted, with the device's remote id stored in the same transaction), retry at a time,
+//!   or dead. A device with a row in flight gets no second one taken, so per device the order
+//!   holds. Rows left `in_flight` by a crash are pending again at the next start.
+//! - **telemetry** by a cursor per cloud over `telemetry.id` (see migration 2): a batch is the
+//!   points above the cursor; settling it moves the cursor. Points a cloud refuses go to
+//!   `telemetry_dead`. Retention may delete points above the cursor while a batch holding them
+//!   is in the air: the batch still settles by id range, so nothing fails and nothing returns.
+
+use rusqlite::{OptionalExtension, Transaction, params};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::StoreError;
+use super::db::{Db, parse_doc};
+use crate::model::{DeviceKey, Target, UnixMillis};
+
+/// A row taken for sending.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub target: Target,
+    pub operation: String,
+    pub device: DeviceIdent,
+    pub payload: Option<Value>,
+    pub idempotency_key: String,
+    /// Attempts before this one.
+    pub attempts: u32,
+}
+
+/// What a lane needs to know of a device to address it in a cloud.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceIdent {
+    pub id: i64,
+    pub key: DeviceKey,
+    pub golioth_id: Option<String>,
+    pub netneural_id: Option<String>,
+}
+
+impl DeviceIdent {
+    pub fn remote_id(&self, target: Target) -> Option<&str> {
+        match target {
+            Target::Golioth => self.golioth_id.as_deref(),
+            Target::NetNeural => self.netneural_id.as_deref(),
+        }
+    }
+}
+
+/// One telemetry point of a batch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TelemetryItem {
+    pub id: i64,
+    pub device: DeviceIdent,
+    pub device_ts: Option<UnixMillis>,
+    pub received_at: UnixMillis,
+    pub payload: Value,
+}
+
+/// One row of `nn-gateway queue`.
+#[derive(Clone, Debug, Serialize)]
+pub struct QueueRow {
+    pub id: i64,
+    pub target: String,
+    pub kind: String,
+    pub device: String,
+    pub state: String,
+    pub attempts: i64,
+    pub next_attempt_at: Option<String>,
+    pub last_error: Option<String>,
+}
+
+/// What `queue` shows: per cloud and state, then the rows that need attention.
+#[derive(Clone, Debug, Serialize)]
+pub struct QueueView {
+    /// Telemetry points not yet settled, per cloud that takes telemetry.
+    pub telemetry_backlog: Vec<(String, i64)>,
+    pub rows: Vec<QueueRow>,
+}
+
+/// Which rows `queue retry` re-queues.
+#[derive(Clone, Copy, Debug)]
+pub enum Requeue {
+    /// One outbox row by id.
+    Row(i64),
+    /// Every dead row and dead-lettered telemetry point.
+    AllDead,
+}
+
+fn key_of(s: String) -> rusqlite::Result<DeviceKey> {
+    DeviceKey::parse(&s).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into())
+    })
+}
+
+impl Db {
+    /// Takes up to `limit` due rows of `target` (marking them in flight), oldest due first,
+    /// skipping devices that already have a row in flight there.
+    pub fn take_due(
+        &mut self,
+        target: Target,
+        now: UnixMillis,
+        limit: usize,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        let tx = self.write_tx()?;
+        let rows = {
+            let mut stmt = tx.prepare_cached(
+                "SELECT o.id, o.operation, o.payload, o.idempotency_key, o.attempts,
+                        d.id, d.key, d.golioth_id, d.netneural_id
+                 FROM outbox o JOIN device d ON d.id = o.device_id
+                 WHERE o.target = ?1 AND o.state = 'pending' AND o.next_attempt_at <= ?2
+                   AND NOT EXISTS (SELECT 1 FROM outbox f WHERE f.target = o.target
+                                   AND f.device_id = o.device_id AND f.state = 'in_flight')
+                 ORDER BY o.next_attempt_at, o.id LIMIT ?3",
+            )?;
+            let mut seen = std::collections::HashSet::new();
+            stmt.query_map(params![target.as_str(), now.0, limit as i64], |r| {
+                Ok(OutboxRow {
+                    id: r.get(0)?,
+                    target,
+                    operation: r.get(1)?,
+                    payload: r.get::<_, Option<String>>(2)?.map(|s| parse_doc(&s)),
+                    idempotency_key: r.get(3)?,
+                    attempts: r.get::<_, i64>(4)?.try_into().unwrap_or(u32::MAX),
+                    device: DeviceIdent {
+                        id: r.get(5)?,
+                        key: key_of(r.get(6)?)?,
+                        golioth_id: r.get(7)?,
+                        netneural_id: r.get(8)?,
+                    },
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            // One row per device at a time, even within one take.
+            .filter(|row| seen.insert(row.device.id))
+            .collect::<Vec<_>>()
+        };
+        for row in &rows {
+            tx.prepare_cached(
+                "UPDATE outbox SET state = 'in_flight', updated_at = ?2 WHERE id = ?1",
+            )?
+            .execute(params![row.id, now.0])?;
+        }
+        tx.commit()?;
+        Ok(rows)
+    }
+
+    /// When the next pending row of `target` is due, if there is one.
+    pub fn next_due(&self, target: Target) -> Result<Option<UnixMillis>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT min(next_attempt_at) FROM outbox WHERE target = ?1 AND state = 'pending'",
+                [target.as_str()],
+                |r| r.get::<_, Option<i64>>(0),
+            )?
+            .map(UnixMillis))
+    }
+
+    /// A row was delivered: it goes, and the device's id in that cloud is stored with it.
+    pub fn row_done(&mut self, row: &OutboxRow, remote_id: Option<&str>) -> Result<(), StoreError> {
+        let tx = self.write_tx()?;
+        if let Some(id) = remote_id {
+            set_remote_id(&tx, row.device.id, row.target, id)?;
+        }
+        tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?
+            .execute([row.id])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A row failed and will be tried again at `at`. If a newer value for the same device
+    /// arrived meanwhile (reported state coalesces), this one is superseded and goes instead.
+    pub fn row_retry(
+        &mut self,
+        row: &OutboxRow,
+        at: UnixMillis,
+        error: &str,
+        counts_attempt: bool,
+    ) -> Result<(), StoreError> {
+        let tx = self.write_tx()?;
+        let superseded = row.operation == "reported_state"
+            && tx
+                .prepare_cached(
+                    "SELECT 1 FROM outbox WHERE target = ?1 AND device_id = ?2 AND state = 'pending'
+                       AND operation = 'reported_state' AND id <> ?3",
+                )?
+                .query_row(
+                    params![row.target.as_str(), row.device.id, row.id],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some();
+        if superseded {
+            tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?
+                .execute([row.id])?;
+        } else {
+            tx.prepare_cached(
+                "UPDATE outbox SET state = 'pending', attempts = attempts + ?2, next_attempt_at = ?3,
+                        last_error = ?4, updated_at = ?5 WHERE id = ?1",
+            )?
+            .execute(params![
+                row.id,
+                i64::from(counts_attempt),
+                at.0,
+                error,
+                UnixMillis::now().0
+            ])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A row the cloud refused for good: kept as dead, with the cloud's error, for the operator.
+    pub fn row_dead(&mut self, row: &OutboxRow, error: &str) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE outbox SET state = 'dead', attempts = attempts + 1, last_error = ?2,
+                    updated_at = ?3 WHERE id = ?1",
+            params![row.id, error, UnixMillis::now().0],
+        )?;
+        Ok(())
+    }
+
+    /// Stores a device's id in a cloud (found or created there).
+    pub fn set_remote_id(
+        &mut self,
+        device_id: i64,
+        target: Target,
+        remote_id: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let tx = self.write_tx()?;
+        match remote_id {
+            Some(id) => set_remote_id(&tx, device_id, target, id)?,
+            None => {
+                let sql = match target {
+                    Target::Golioth => "UPDATE device SET golioth_id = NULL WHERE id = ?1",
+                    Target::NetNeural => "UPDATE device SET netneural_id = NULL WHERE id = ?1",
+                };
+                tx.execute(sql, [device_id])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Everything up to this id is settled for `target`, or `None` when the cloud has never
+    /// had a cursor (it was never enabled).
+    pub fn telemetry_cursor(&self, target: Target) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT delivered_through FROM telemetry_cursor WHERE target = ?1",
+                [target.as_str()],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Creates the cursors of the clouds this daemon delivers telemetry to. A cloud enabled for
+    /// the first time starts at the newest point: what was stored while no cloud wanted it is
+    /// not owed. A cloud enabled again continues where it stopped.
+    pub fn ensure_telemetry_cursors(&mut self) -> Result<(), StoreError> {
+        let targets: Vec<Target> = self
+            .targets()
+            .iter()
+            .copied()
+            .filter(|t| t.takes_telemetry())
+            .collect();
+        for target in targets {
+            self.conn.execute(
+                "INSERT INTO telemetry_cursor(target, delivered_through, updated_at)
+                 SELECT ?1, coalesce(max(id), 0), ?2 FROM telemetry WHERE true
+                 ON CONFLICT(target) DO NOTHING",
+                params![target.as_str(), UnixMillis::now().0],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Up to `limit` points above `after`, in id order, with their devices.
+    pub fn telemetry_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<TelemetryItem>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT t.id, t.device_ts, t.received_at, t.payload,
+                    d.id, d.key, d.golioth_id, d.netneural_id
+             FROM telemetry t JOIN device d ON d.id = t.device_id
+             WHERE t.id > ?1 ORDER BY t.id LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![after, limit as i64], |r| {
+            Ok(TelemetryItem {
+                id: r.get(0)?,
+                device_ts: r.get::<_, Option<i64>>(1)?.map(UnixMillis),
+                received_at: UnixMillis(r.get(2)?),
+                payload: parse_doc(&r.get::<_, String>(3)?),
+                device: DeviceIdent {
+                    id: r.get(4)?,
+                    key: key_of(r.get(5)?)?,
+                    golioth_id: r.get(6)?,
+                    netneural_id: r.get(7)?,
+                },
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Settles a batch: the cursor moves to `through` (never back), and the points refused
+    /// for what they carry are dead-lettered, in one transaction.
+    pub fn settle_telemetry(
+        &mut self,
+        target: Target,
+        through: i64,
+        dead: &[(i64, i64, String)],
+    ) -> Result<(), StoreError> {
+        let now = UnixMillis::now().0;
+        let tx = self.write_tx()?;
+        for (telemetry_id, device_id, error) in dead {
+            tx.prepare_cached(
+                "INSERT INTO telemetry_dead(target, telemetry_id, device_id, error, at)
+                 SELECT ?1, ?2, ?3, ?4, ?5 WHERE EXISTS (SELECT 1 FROM telemetry WHERE id = ?2)
+                 ON CONFLICT(target, telemetry_id) DO UPDATE SET error = excluded.error, at = excluded.at, retry = 0",
+            )?
+            .execute(params![target.as_str(), telemetry_id, device_id, error, now])?;
+        }
+        tx.prepare_cached(
+            "INSERT INTO telemetry_cursor(target, delivered_through, updated_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT(target) DO UPDATE SET
+                 delivered_through = max(delivered_through, excluded.delivered_through),
+                 updated_at = excluded.updated_at",
+        )?
+        .execute(params![target.as_str(), through, now])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Dead-lettered points of `target` to send again (`queue retry --all-dead`), oldest first.
+    pub fn telemetry_dead_items(
+        &self,
+        target: Target,
+        limit: usize,
+    ) -> Result<Vec<TelemetryItem>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT t.id, t.device_ts, t.received_at, t.payload,
+                    d.id, d.key, d.golioth_id, d.netneural_id
+             FROM telemetry_dead x JOIN telemetry t ON t.id = x.telemetry_id
+             JOIN device d ON d.id = t.device_id
+             WHERE x.target = ?1 AND x.retry = 1 ORDER BY t.id LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![target.as_str(), limit as i64], |r| {
+            Ok(TelemetryItem {
+                id: r.get(0)?,
+                device_ts: r.get::<_, Option<i64>>(1)?.map(UnixMillis),
+                received_at: UnixMillis(r.get(2)?),
+                payload: parse_doc(&r.get::<_, String>(3)?),
+                device: DeviceIdent {
+                    id: r.get(4)?,
+                    key: key_of(r.get(5)?)?,
+                    golioth_id: r.get(6)?,
+                    netneural_id: r.get(7)?,
+                },
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Re-queues dead rows (and, for `AllDead`, marks dead-lettered telemetry for another
+    /// try). Returns how many. A dead reported-state row whose device has a newer pending one
+    /// is superseded by it and goes instead.
+    pub fn requeue(&mut self, which: Requeue) -> Result<usize, StoreError> {
+        let now = UnixMillis::now().0;
+        let tx = self.write_tx()?;
+        let filter = match which {
+            Requeue::Row(_) => "id = ?1",
+            Requeue::AllDead => "state = 'dead' AND ?1 = ?1",
+        };
+        let arg = match which {
+            Requeue::Row(id) => id,
+            Requeue::AllDead => 0,
+        };
+        tx.execute(
+            &format!(
+                "DELETE FROM outbox WHERE {filter} AND state IN ('dead', 'pending')
+                   AND operation = 'reported_state'
+                   AND EXISTS (SELECT 1 FROM outbox p WHERE p.target = outbox.target
+                               AND p.device_id = outbox.device_id AND p.state = 'pending'
+                               AND p.operation = 'reported_state' AND p.id <> outbox.id)"
+            ),
+            [arg],
+        )?;
+        let mut n = tx.execute(
+            &format!(
+                "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?2,
+                        updated_at = ?2 WHERE {filter} AND state IN ('dead', 'pending')"
+            ),
+            params![arg, now],
+        )?;
+        if matches!(which, Requeue::AllDead) {
+            n += tx.execute("UPDATE telemetry_dead SET retry = 1 WHERE retry = 0", [])?;
+        }
+        tx.commit()?;
+        Ok(n)
+    }
+
+    /// Removes dead-lettered points that were sent again successfully.
+    pub fn forget_dead_telemetry(&mut self, target: Target, ids: &[i64]) -> Result<(), StoreError> {
+        let tx = self.write_tx()?;
+        for id in ids {
+            tx.prepare_cached(
+                "DELETE FROM telemetry_dead WHERE target = ?1 AND telemetry_id = ?2",
+            )?
+            .execute(params![target.as_str(), id])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The queue for `nn-gateway queue`: telemetry backlog per cloud, then every row not done
+    /// (in flight and dead first), at most `limit`.
+    pub fn queue(&self, limit: usize) -> Result<QueueView, StoreError> {
+        let mut telemetry_backlog = Vec::new();
+        let mut stmt = self
+            .conn
+            .prepare("SELECT target, delivered_through FROM telemetry_cursor ORDER BY target")?;
+        let cursors = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        for (target, through) in cursors {
+            let n: i64 = self.conn.query_row(
+                "SELECT count(*) FROM telemetry WHERE id > ?1",
+                [through],
+                |r| r.get(0),
+            )?;
+            telemetry_backlog.push((target, n));
+        }
+        let mut stmt = self.conn.prepare(
+            "SELECT o.id, o.target, o.operation, d.key, o.state, o.attempts, o.next_attempt_at, o.last_error
+             FROM outbox o JOIN device d ON d.id = o.device_id
+             ORDER BY CASE o.state WHEN 'in_flight' THEN 0 WHEN 'dead' THEN 1 ELSE 2 END, o.id
+             LIMIT ?1",
+        )?;
+        let mut rows = stmt
+            .query_map([limit as i64], |r| {
+                let state: String = r.get(4)?;
+                Ok(QueueRow {
+                    id: r.get(0)?,
+                    target: r.get(1)?,
+                    kind: r.get(2)?,
+                    device: r.get(3)?,
+                    next_attempt_at: (state == "pending")
+                        .then(|| UnixMillis(r.get::<_, i64>(6).unwrap_or(0)).to_rfc3339()),
+                    state,
+                    attempts: r.get(5)?,
+                    last_error: r.get(7)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut stmt = self.conn.prepare(
+            "SELECT x.telemetry_id, x.target, d.key, x.error FROM telemetry_dead x
+             JOIN device d ON d.id = x.device_id ORDER BY x.telemetry_id LIMIT ?1",
+        )?;
+        rows.extend(
+            stmt.query_map([limit as i64], |r| {
+                Ok(QueueRow {
+                    id: r.get(0)?,
+                    target: r.get(1)?,
+                    kind: "telemetry point".into(),
+                    device: r.get(2)?,
+                    state: "dead".into(),
+                    attempts: 1,
+                    next_attempt_at: None,
+                    last_error: r.get(3)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?,
+        );
+        Ok(QueueView {
+            telemetry_backlog,
+            rows,
+        })
+    }
+}
+
+fn set_remote_id(
+    tx: &Transaction<'_>,
+    device_id: i64,
+    target: Target,
+    remote_id: &str,
+) -> rusqlite::Result<()> {
+    let sql = match target {
+        Target::Golioth => "UPDATE device SET golioth_id = ?2 WHERE id = ?1",
+        Target::NetNeural => "UPDATE device SET netneural_id = ?2 WHERE id = ?1",
+    };
+    tx.prepare_cached(sql)?
+        .execute(params![device_id, remote_id])?;
+    Ok(())
+}
