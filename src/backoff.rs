@@ -22,6 +22,15 @@ impl Backoff {
         }
     }
 
+    /// A backoff that has already counted `attempts` failures: the per-row retry delay, whose
+    /// attempt count lives in the outbox row so that it survives restarts.
+    pub fn after(base: Duration, cap: Duration, attempts: u32) -> Backoff {
+        Backoff {
+            attempt: attempts,
+            ..Backoff::new(base, cap)
+        }
+    }
+
     /// The ceiling of the next delay, before jitter.
     pub fn ceiling(&self) -> Duration {
         let factor = 1u32.checked_shl(self.attempt.min(31)).unwrap_or(u32::MAX);

@@ -11,6 +11,8 @@
 //! - [`codec`]: JSON and CBOR payloads to and from JSON values; the only CBOR user.
 //! - [`ingest`]: checks every transport shares — state patches, telemetry points, RFC 7386 merge.
 //! - [`backoff`]: exponential backoff with full jitter, used by every retry loop.
+//! - [`outbox::policy`]: what a failed send means for its row (retry at T, dead) and its lane
+//!   (offline, backing off, auth failed).
 //! - [`mqtt::topics`] and [`mqtt::router`]: topic templates and PUBLISH → store write.
 //! - [`coap::route`], [`coap::reply`], [`coap::message`]: CoAP request → plan → response bytes;
 //!   [`coap::exchange`] (retransmission cache) and [`coap::observe`] (observer registry).
@@ -23,6 +25,8 @@
 //! - [`mqtt`]: rumqttc client of the site broker — ingest acknowledged after commit, in
 //!   batches, desired publishes.
 //! - [`coap`]: CoAP server on a UDP socket — ingest, desired resource with Observe.
+//! - [`outbox`]: one lane per cloud delivering the outbox rows and the telemetry cursor,
+//!   through an [`outbox::Uplink`] each cloud implements.
 //! - [`downlink`]: carries desired-state changes from the store to MQTT and CoAP.
 //! - [`notify`]: the systemd notify protocol (READY, WATCHDOG, STATUS, STOPPING).
 //! - [`health`]: shared liveness flags read by the watchdog and the status line.
@@ -42,4 +46,5 @@ pub mod ingest;
 pub mod model;
 pub mod mqtt;
 pub mod notify;
+pub mod outbox;
 pub mod store;

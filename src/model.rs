@@ -121,7 +121,10 @@ impl Format {
 }
 
 /// A cloud the gateway owes data to. One outbox lane each.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Target {
     Golioth,
     NetNeural,

@@ -160,11 +160,36 @@ enum Job {
     Close(oneshot::Sender<()>),
 }
 
+/// One outbox bell per cloud, rung by the store thread after every commit that stored
+/// something owed to that cloud. A bell only wakes its lane; the lane reads the work itself.
+#[derive(Debug)]
+pub struct Bells {
+    golioth: Arc<tokio::sync::Notify>,
+    netneural: Arc<tokio::sync::Notify>,
+    targets: Vec<crate::model::Target>,
+}
+
+impl Bells {
+    pub fn of(&self, target: crate::model::Target) -> Arc<tokio::sync::Notify> {
+        match target {
+            crate::model::Target::Golioth => self.golioth.clone(),
+            crate::model::Target::NetNeural => self.netneural.clone(),
+        }
+    }
+
+    fn ring(&self) {
+        for t in &self.targets {
+            self.of(*t).notify_one();
+        }
+    }
+}
+
 /// Handle to the store thread. Clone it freely.
 #[derive(Clone)]
 pub struct Store {
     jobs: mpsc::Sender<Job>,
     healthy: Arc<AtomicBool>,
+    bells: Arc<Bells>,
 }
 
 /// A write handed to the store, not yet answered. Await it for the commit that holds it.
@@ -220,14 +245,24 @@ impl Store {
         let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
         let healthy = Arc::new(AtomicBool::new(true));
         let flag = healthy.clone();
+        let bells = Arc::new(Bells {
+            golioth: Arc::default(),
+            netneural: Arc::default(),
+            targets: opts.targets.clone(),
+        });
+        let ringer = bells.clone();
         thread::Builder::new()
             .name("store".into())
-            .spawn(move || run(db, lock, rx, flag))
+            .spawn(move || run(db, lock, rx, flag, ringer))
             .map_err(|e| StoreError::Open {
                 path: path.to_owned(),
                 reason: format!("cannot start store thread: {e}"),
             })?;
-        Ok(Store { jobs, healthy })
+        Ok(Store {
+            jobs,
+            healthy,
+            bells,
+        })
     }
 
     /// Queues a write and returns at once; await [`PendingWrite::committed`] for the answer.
@@ -287,6 +322,11 @@ impl Store {
         rx.await.unwrap_or(Err(StoreError::Closed))
     }
 
+    /// The outbox bells the store thread rings after commits (one per cloud).
+    pub fn bells(&self) -> &Bells {
+        &self.bells
+    }
+
     /// False once a commit has failed and no later one has succeeded.
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
@@ -302,7 +342,13 @@ impl Store {
 }
 
 /// The store thread. `lock` is held until the connection is closed.
-fn run(mut db: Db, lock: std::fs::File, mut rx: mpsc::Receiver<Job>, healthy: Arc<AtomicBool>) {
+fn run(
+    mut db: Db,
+    lock: std::fs::File,
+    mut rx: mpsc::Receiver<Job>,
+    healthy: Arc<AtomicBool>,
+    bells: Arc<Bells>,
+) {
     let mut batch: Vec<(WriteOp, Option<u64>, Reply)> = Vec::new();
     let mut broken = BrokenStreams::default();
     let mut deferred: Option<Job> = None;
@@ -328,7 +374,7 @@ fn run(mut db: Db, lock: std::fs::File, mut rx: mpsc::Receiver<Job>, healthy: Ar
                         Err(_) => break,
                     }
                 }
-                commit(&mut db, &mut batch, &mut broken, &healthy);
+                commit(&mut db, &mut batch, &mut broken, &healthy, &bells);
             }
             Job::Call(f) => f(&mut db),
             Job::Close(done) => {
@@ -338,7 +384,7 @@ fn run(mut db: Db, lock: std::fs::File, mut rx: mpsc::Receiver<Job>, healthy: Ar
                     match job {
                         Job::Write(op, stream, reply) => {
                             batch.push((op, stream, reply));
-                            commit(&mut db, &mut batch, &mut broken, &healthy);
+                            commit(&mut db, &mut batch, &mut broken, &healthy, &bells);
                         }
                         Job::Call(f) => f(&mut db),
                         Job::Close(other) => {
@@ -388,6 +434,7 @@ fn commit(
     batch: &mut Vec<(WriteOp, Option<u64>, Reply)>,
     broken: &mut BrokenStreams,
     healthy: &AtomicBool,
+    bells: &Bells,
 ) {
     let (held, todo): (Vec<_>, Vec<_>) = batch
         .drain(..)
@@ -410,6 +457,12 @@ fn commit(
     healthy.store(failed == 0, Ordering::Relaxed);
     if let Some(Err(first)) = results.iter().find(|r| r.is_err()) {
         tracing::error!(writes = failed, error = %first, "writes not stored");
+    }
+    if results
+        .iter()
+        .any(|r| matches!(r, Ok(Outcome::Stored { .. })))
+    {
+        bells.ring();
     }
     for ((stream, reply), result) in answers.into_iter().zip(results) {
         if result.is_err() {

@@ -420,6 +420,42 @@ impl Db {
         Ok(())
     }
 
+    /// One row of the local sync log: a lane's work over a stretch of time.
+    pub fn record_sync_log(
+        &mut self,
+        target: Target,
+        operation: &str,
+        count: u64,
+        failed: u64,
+        error: Option<&str>,
+        duration_ms: i64,
+    ) -> Result<(), StoreError> {
+        let outcome = match (count, failed) {
+            (_, 0) => "completed",
+            (0, _) => "failed",
+            _ => "partial",
+        };
+        self.conn.execute(
+            "INSERT INTO sync_log(target, direction, operation, count, outcome, error, duration_ms, at)
+             VALUES (?1, 'up', ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                target.as_str(),
+                operation,
+                i64::try_from(count).unwrap_or(i64::MAX),
+                outcome,
+                error,
+                duration_ms,
+                UnixMillis::now().0
+            ],
+        )?;
+        // Bounded: the newest 10,000 rows are plenty for an operator.
+        self.conn.execute(
+            "DELETE FROM sync_log WHERE id <= (SELECT max(id) FROM sync_log) - 10000",
+            [],
+        )?;
+        Ok(())
+    }
+
     /// The queue for `nn-gateway queue`: telemetry backlog per cloud, then every row not done
     /// (in flight and dead first), at most `limit`.
     pub fn queue(&self, limit: usize) -> Result<QueueView, StoreError> {
