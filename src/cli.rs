@@ -67,6 +67,25 @@ pub fn render_status(s: &Status, running: bool) -> String {
         s.redeliveries_total
     );
     let _ = writeln!(out, "conflicts      {} pending", s.conflicts_pending);
+    if let Some(b) = s.daemon.as_ref().filter(|b| running && !b.stopped) {
+        for (target, c) in &b.clouds {
+            let ago = |t: i64| {
+                let secs = (crate::model::UnixMillis::now().0 - t).max(0) / 1000;
+                format!("{secs}s ago")
+            };
+            let _ = writeln!(
+                out,
+                "{:<14} {}; last success {}{}",
+                target.as_str(),
+                c.state.as_str(),
+                c.last_success_at.map_or("never".to_owned(), ago),
+                match (&c.last_error, c.last_error_at) {
+                    (Some(e), Some(at)) => format!("; last error {}: {e}", ago(at)),
+                    _ => String::new(),
+                }
+            );
+        }
+    }
     if s.outbox.is_empty() {
         let _ = writeln!(out, "outbox         empty");
     } else {
@@ -75,7 +94,66 @@ pub fn render_status(s: &Status, running: bool) -> String {
             let _ = writeln!(out, "  {:<10} {:<10} {}", c.target, c.state, c.rows);
         }
     }
+    for (target, n) in &s.telemetry_backlog {
+        let _ = writeln!(out, "telemetry owed {n} points to {target}");
+    }
+    if s.telemetry_dead > 0 {
+        let _ = writeln!(
+            out,
+            "telemetry dead {} points refused by a cloud (nn-gateway queue)",
+            s.telemetry_dead
+        );
+    }
     out
+}
+
+/// `nn-gateway queue`: telemetry backlog per cloud, then the rows in flight, dead and pending.
+pub fn queue(path: &Path, limit: usize, json: bool) -> Result<String, StoreError> {
+    let view = Db::open_readonly(path)?.queue(limit)?;
+    if json {
+        return Ok(to_json(&view));
+    }
+    let mut out = String::new();
+    for (target, n) in &view.telemetry_backlog {
+        let _ = writeln!(out, "{target}: {n} telemetry points owed");
+    }
+    if view.rows.is_empty() {
+        let _ = writeln!(out, "no outbox rows");
+    }
+    for r in &view.rows {
+        let _ = writeln!(
+            out,
+            "{:>8} {:<10} {:<16} {:<20} {:<10} attempts {}{}{}",
+            r.id,
+            r.target,
+            r.kind,
+            r.device,
+            r.state,
+            r.attempts,
+            r.next_attempt_at
+                .as_ref()
+                .map(|t| format!(", next {t}"))
+                .unwrap_or_default(),
+            r.last_error
+                .as_ref()
+                .map(|e| format!("\n         last error: {e}"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(out)
+}
+
+/// `nn-gateway queue retry ID|--all-dead`: dead rows (and dead-lettered telemetry) go back to
+/// pending; the running daemon sends them within its idle recheck.
+pub fn queue_retry(path: &Path, which: crate::store::Requeue) -> Result<String, StoreError> {
+    let mut db = open_writable(path)?;
+    let n = db.requeue(which)?;
+    Ok(match which {
+        crate::store::Requeue::Row(id) if n == 0 => {
+            format!("no dead or pending outbox row {id}\n")
+        }
+        _ => format!("{n} re-queued\n"),
+    })
 }
 
 /// The daemon line of `status`: whether it runs comes from its lock, the rest from its last
@@ -225,6 +303,24 @@ pub fn set_desired(path: &Path, device: &str, json: &str) -> Result<String, Desi
         "desired state of {} is now version {}: {}\n",
         stored.device, stored.version, stored.doc
     ))
+}
+
+/// Opens an existing database for an operator's write (never creates one).
+fn open_writable(path: &Path) -> Result<Db, StoreError> {
+    if !path.is_file() {
+        return Err(StoreError::Open {
+            path: path.to_owned(),
+            reason: "no database here yet; start the daemon (nn-gateway run) first, or check [storage] path".into(),
+        });
+    }
+    Db::open(
+        path,
+        &OpenOptions {
+            synchronous: crate::config::Synchronous::Full,
+            targets: Vec::new(),
+            rejected_keep: 0,
+        },
+    )
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> String {

@@ -308,5 +308,6 @@ fn beat(health: &Health, every: Duration, stopped: bool) -> DaemonBeat {
         every_ms: u64::try_from(every.as_millis()).unwrap_or(u64::MAX),
         mqtt: health.mqtt().as_str().to_owned(),
         stopped,
+        clouds: health.clouds(),
     }
 }

@@ -47,10 +47,31 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
+    /// What is owed to each cloud: telemetry backlog, rows in flight, dead and pending.
+    Queue {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[command(subcommand)]
+        action: Option<QueueAction>,
+    },
     /// Desired state (the local operator's edits).
     Desired {
         #[command(subcommand)]
         action: DesiredAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueueAction {
+    /// Send a dead row again (by id), or every dead row and dead-lettered telemetry point.
+    Retry {
+        /// The outbox row id shown by `nn-gateway queue`.
+        #[arg(required_unless_present = "all_dead", conflicts_with = "all_dead")]
+        id: Option<i64>,
+        #[arg(long)]
+        all_dead: bool,
     },
 }
 
@@ -91,6 +112,21 @@ fn real_main(args: Args) -> anyhow::Result<()> {
         Command::Status { json } => cli::status(&db, json)?,
         Command::Devices { json } => cli::devices(&db, json)?,
         Command::Rejected { json, limit } => cli::rejected(&db, limit, json)?,
+        Command::Queue {
+            json,
+            limit,
+            action: None,
+        } => cli::queue(&db, limit, json)?,
+        Command::Queue {
+            action: Some(QueueAction::Retry { id, all_dead }),
+            ..
+        } => {
+            let which = match id {
+                Some(id) if !all_dead => nn_gateway::store::Requeue::Row(id),
+                _ => nn_gateway::store::Requeue::AllDead,
+            };
+            cli::queue_retry(&db, which)?
+        }
         Command::Desired {
             action: DesiredAction::Set { device, json },
         } => cli::set_desired(&db, &device, &json)?,

@@ -465,6 +465,8 @@ impl Db {
                 "SELECT count(*) FROM desired_state WHERE published_seq < seq",
             )?,
             outbox,
+            telemetry_backlog: self.queue(0)?.telemetry_backlog,
+            telemetry_dead: count("SELECT count(*) FROM telemetry_dead")?,
             rejected_total: self
                 .meta("rejected_total")?
                 .and_then(|v| v.parse().ok())

@@ -34,6 +34,10 @@ pub struct Status {
     pub reported_states: i64,
     pub desired_unpublished: i64,
     pub outbox: Vec<OutboxCount>,
+    /// Telemetry points above each cloud's delivery cursor (not yet settled there).
+    pub telemetry_backlog: Vec<(String, i64)>,
+    /// Telemetry points a cloud refused, kept as dead letters.
+    pub telemetry_dead: i64,
     /// Every message rejected since the database was created.
     pub rejected_total: i64,
     /// How many of those are still kept for inspection.
@@ -64,6 +68,9 @@ pub struct DaemonBeat {
     pub mqtt: String,
     /// Set by a clean shutdown.
     pub stopped: bool,
+    /// Each enabled cloud's lane: state, last success, last error.
+    #[serde(default)]
+    pub clouds: std::collections::BTreeMap<crate::model::Target, crate::health::CloudHealth>,
 }
 
 impl Status {
