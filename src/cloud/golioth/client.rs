@@ -127,11 +127,11 @@ impl Golioth {
             let answer: wire::Page<W> = cloud::decode(T, name, &body)?;
             let got = answer.list.len();
             items.extend(answer.list);
-            let per_page = answer.per_page.filter(|n| *n > 0).unwrap_or(PER_PAGE);
+            let page_size = answer.per_page.filter(|n| *n > 0).unwrap_or(PER_PAGE);
             let last = got == 0
                 || match answer.total {
-                    Some(total) => (page + 1).saturating_mul(per_page) >= total,
-                    None => (got as i64) < per_page,
+                    Some(total) => (page + 1).saturating_mul(page_size) >= total,
+                    None => (got as i64) < page_size,
                 };
             if last {
                 return Ok(items);
