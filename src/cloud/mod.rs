@@ -15,7 +15,10 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use crate::config::Secret;
-use crate::model::Target;
+use crate::model::{Target, UnixMillis};
+
+pub mod golioth;
+pub mod netneural;
 
 /// The longest `Retry-After` honoured: a cloud asking for more (or a clock far off) does not
 /// park a lane for a day.
@@ -40,6 +43,9 @@ pub enum Failure {
     Decode { detail: String },
     /// The request could not be built from our data (a value the cloud cannot take).
     Request { detail: String },
+    /// A conditional write kept losing to concurrent writers (NetNeural's optimistic
+    /// `updated_at` check). Nothing is wrong with the request: later it will likely win.
+    Contended { detail: String },
 }
 
 /// A failed request to a cloud.
@@ -89,6 +95,30 @@ impl CloudError {
         }
     }
 
+    pub fn contended(
+        target: Target,
+        request: impl Into<String>,
+        detail: impl Into<String>,
+    ) -> Self {
+        CloudError {
+            target,
+            request: request.into(),
+            failure: Failure::Contended {
+                detail: detail.into(),
+            },
+            retry_after: None,
+        }
+    }
+
+    /// The error code from the cloud's error body (Golioth's gRPC status name, PostgREST's
+    /// SQLSTATE or `PGRST…` code), when it sent one.
+    pub fn code(&self) -> Option<&str> {
+        match &self.failure {
+            Failure::Status { code, .. } => code.as_deref(),
+            _ => None,
+        }
+    }
+
     /// The HTTP status, when the cloud answered.
     pub fn status(&self) -> Option<u16> {
         match &self.failure {
@@ -104,6 +134,7 @@ impl CloudError {
         match &self.failure {
             Failure::Transport { .. } => true,
             Failure::Status { status, .. } => matches!(status, 408 | 429 | 500..=599),
+            Failure::Contended { .. } => true,
             Failure::Decode { .. } | Failure::Request { .. } => false,
         }
     }
@@ -146,6 +177,7 @@ impl fmt::Display for CloudError {
             }
             Failure::Decode { detail } => write!(f, "unexpected response body: {detail}")?,
             Failure::Request { detail } => write!(f, "cannot build the request: {detail}")?,
+            Failure::Contended { detail } => write!(f, "lost to concurrent writers: {detail}")?,
         }
         if self.is_auth() {
             f.write_str("; check the API key (the lane pauses until it works)")
@@ -240,6 +272,81 @@ pub fn retry_after_of(headers: &reqwest::header::HeaderMap) -> Option<Duration> 
         .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()))
 }
 
+/// A vendor's error-body parser for [`status_error`]: `(code, message)`, or `None` when the
+/// body is not the vendor's error shape (then an excerpt of the raw body is kept).
+pub(crate) type ErrorBody = fn(&[u8]) -> Option<(Option<String>, String)>;
+
+/// Sends one request and reads the whole answer's body. Any non-2xx status becomes a
+/// [`Failure::Status`] error (callers that take a 404 or 409 as an answer look at
+/// [`CloudError::status`]); no answer, or a body cut off, is a [`Failure::Transport`].
+pub(crate) async fn send(
+    target: Target,
+    request: &str,
+    builder: reqwest::RequestBuilder,
+    error_body: ErrorBody,
+) -> Result<Vec<u8>, CloudError> {
+    let response = builder
+        .send()
+        .await
+        .map_err(|e| CloudError::transport(target, request, &e))?;
+    let status = response.status().as_u16();
+    let retry_after = retry_after_of(response.headers());
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| CloudError::transport(target, request, &e))?;
+    if !(200..300).contains(&status) {
+        return Err(status_error(
+            target,
+            request,
+            status,
+            retry_after,
+            &body,
+            error_body,
+        ));
+    }
+    Ok(body.to_vec())
+}
+
+/// Parses a 2xx body into a wire type; a mismatch is a [`Failure::Decode`].
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(
+    target: Target,
+    request: &str,
+    body: &[u8],
+) -> Result<T, CloudError> {
+    serde_json::from_slice(body).map_err(|e| CloudError::decode(target, request, e.to_string()))
+}
+
+/// An RFC 3339 timestamp (Golioth's `…Z`, Postgres' `…+00:00` with microseconds) as
+/// milliseconds; `None` if unreadable, since every timestamp the clouds send is optional to us.
+pub fn parse_rfc3339(raw: &str) -> Option<UnixMillis> {
+    let t =
+        time::OffsetDateTime::parse(raw, &time::format_description::well_known::Rfc3339).ok()?;
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000)
+        .ok()
+        .map(UnixMillis)
+}
+
+/// A request URL: `base`, then `segments` appended as path segments (each percent-encoded, so
+/// an id can never add a path level or a query), then `query` pairs (form-encoded).
+pub(crate) fn url_of(base: &url::Url, segments: &[&str], query: &[(&str, &str)]) -> url::Url {
+    let mut url = base.clone();
+    if let Ok(mut path) = url.path_segments_mut() {
+        path.pop_if_empty().extend(segments);
+    }
+    if !query.is_empty() {
+        url.query_pairs_mut().extend_pairs(query);
+    }
+    url
+}
+
+/// A header value holding a credential, marked sensitive so that HTTP tracing never prints it.
+pub(crate) fn secret_header(value: &str) -> Option<reqwest::header::HeaderValue> {
+    let mut v = reqwest::header::HeaderValue::from_str(value).ok()?;
+    v.set_sensitive(true);
+    Some(v)
+}
+
 /// Timeouts and limits of one cloud's HTTP client.
 #[derive(Clone, Copy, Debug)]
 pub struct HttpSettings {
@@ -300,6 +407,98 @@ impl ApiKey {
         let changed = *slot != key;
         *slot = key;
         changed
+    }
+}
+
+/// A tiny scripted HTTP server for the clients' unit tests (the fake clouds with fault
+/// injection live in `tests/fakes/`).
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::{Arc, Mutex};
+
+    /// One request as the server saw it.
+    #[derive(Clone, Debug)]
+    pub struct Seen {
+        pub method: String,
+        pub path: String,
+        /// The decoded query pairs, in order.
+        pub query: Vec<(String, String)>,
+        pub headers: reqwest::header::HeaderMap,
+        pub body: String,
+    }
+
+    impl Seen {
+        pub fn query(&self, name: &str) -> Option<&str> {
+            self.query
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        }
+
+        pub fn header(&self, name: &str) -> Option<&str> {
+            self.headers.get(name).and_then(|v| v.to_str().ok())
+        }
+
+        pub fn json(&self) -> serde_json::Value {
+            serde_json::from_str(&self.body).expect("a JSON body")
+        }
+    }
+
+    /// A server on 127.0.0.1:0 answering every request with `respond(request, n)` (n counts
+    /// from 0): a status and a JSON body.
+    pub struct Fake {
+        pub url: url::Url,
+        pub seen: Arc<Mutex<Vec<Seen>>>,
+    }
+
+    impl Fake {
+        pub fn seen(&self) -> Vec<Seen> {
+            self.seen.lock().unwrap().clone()
+        }
+    }
+
+    pub async fn serve<F>(respond: F) -> Fake
+    where
+        F: Fn(&Seen, usize) -> (u16, String) + Send + Sync + 'static,
+    {
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let respond = Arc::new(respond);
+        let log = seen.clone();
+        let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+            let (respond, log) = (respond.clone(), log.clone());
+            async move {
+                let (parts, body) = req.into_parts();
+                let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+                let query = url::form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
+                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                    .collect();
+                let seen = Seen {
+                    method: parts.method.to_string(),
+                    path: parts.uri.path().to_owned(),
+                    query,
+                    headers: parts.headers,
+                    body: String::from_utf8_lossy(&body).into_owned(),
+                };
+                let n = {
+                    let mut log = log.lock().unwrap();
+                    log.push(seen.clone());
+                    log.len() - 1
+                };
+                let (status, body) = respond(&seen, n);
+                (
+                    axum::http::StatusCode::from_u16(status).unwrap(),
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    body,
+                )
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Fake {
+            url: url::Url::parse(&format!("http://{addr}")).unwrap(),
+            seen,
+        }
     }
 }
 

@@ -1,0 +1,613 @@
+//! Requests to Golioth's Management REST API.
+//!
+//! One [`reqwest::Client`] (connection pool) per [`Golioth`]; the key is read from the
+//! [`ApiKey`] for every request, so a SIGHUP-replaced key takes effect at the next one.
+//! Every error is a [`CloudError`] naming the request by its path template
+//! (`GET /v1/projects/{projectId}/devices`), never by its URL.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+use reqwest::Method;
+use serde_json::Value;
+use url::Url;
+
+use super::mapping::{
+    self, DeviceFilter, DeviceId, DevicePatch, NewDevice, RemoteDevice, Tag, TagId,
+};
+use super::wire;
+use crate::cloud::{self, ApiKey, CloudError, http_client, secret_header, url_of};
+use crate::config::GoliothConfig;
+use crate::model::Target;
+
+const T: Target = Target::Golioth;
+
+/// Items per list page: Golioth's maximum, so that a list costs the fewest requests.
+pub const PER_PAGE: i64 = 100;
+
+/// Pages one list may take (a million devices) before the answer is taken as broken: a
+/// server whose `total` keeps growing must not loop a lane forever.
+const MAX_PAGES: i64 = 10_000;
+
+const LIST_DEVICES: &str = "GET /v1/projects/{projectId}/devices";
+const CREATE_DEVICE: &str = "POST /v1/projects/{projectId}/devices";
+const GET_DEVICE: &str = "GET /v1/projects/{projectId}/devices/{deviceId}";
+const PATCH_DEVICE: &str = "PATCH /v1/projects/{projectId}/devices/{deviceId}";
+const DELETE_DEVICE: &str = "DELETE /v1/projects/{projectId}/devices/{deviceId}";
+const LIST_TAGS: &str = "GET /v1/projects/{projectId}/tags";
+const CREATE_TAG: &str = "POST /v1/projects/{projectId}/tags";
+const GET_STATE: &str = "GET /v1/projects/{projectId}/devices/{deviceId}/data/{path}";
+const PUT_STATE: &str = "PUT /v1/projects/{projectId}/devices/{deviceId}/data/{path}";
+const DELETE_STATE: &str = "DELETE /v1/projects/{projectId}/devices/{deviceId}/data/{path}";
+
+/// A Golioth project, through its Management API (header `x-api-key`).
+#[derive(Clone)]
+pub struct Golioth {
+    http: reqwest::Client,
+    base: Url,
+    project: String,
+    key: ApiKey,
+}
+
+impl fmt::Debug for Golioth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Golioth")
+            .field("base", &self.base.as_str())
+            .field("project", &self.project)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Golioth {
+    /// # Errors
+    /// When the HTTP client cannot be set up (see [`http_client`]).
+    pub fn new(config: &GoliothConfig, key: ApiKey) -> Result<Golioth, CloudError> {
+        Ok(Golioth {
+            http: http_client(T, config.http())?,
+            base: config.api_url.clone(),
+            project: config.project_id.clone(),
+            key,
+        })
+    }
+
+    /// A request under `/v1/projects/{projectId}/`, with the key.
+    fn request(
+        &self,
+        method: Method,
+        name: &str,
+        segments: &[&str],
+        query: &[(&str, &str)],
+    ) -> Result<reqwest::RequestBuilder, CloudError> {
+        let mut path = vec!["v1", "projects", self.project.as_str()];
+        path.extend_from_slice(segments);
+        let url = url_of(&self.base, &path, query);
+        let key = secret_header(self.key.get().expose()).ok_or_else(|| {
+            CloudError::request(
+                T,
+                name,
+                "the API key holds bytes an HTTP header cannot carry",
+            )
+        })?;
+        Ok(self
+            .http
+            .request(method, url)
+            .header("x-api-key", key)
+            .header(reqwest::header::ACCEPT, "application/json"))
+    }
+
+    async fn send(&self, name: &str, rb: reqwest::RequestBuilder) -> Result<Vec<u8>, CloudError> {
+        cloud::send(T, name, rb, mapping::error_body).await
+    }
+
+    /// `{"data": …}` of a 2xx answer; an absent or null `data` is a decode error.
+    fn data<W: serde::de::DeserializeOwned>(name: &str, body: &[u8]) -> Result<W, CloudError> {
+        cloud::decode::<wire::Data<W>>(T, name, body)?
+            .data
+            .ok_or_else(|| CloudError::decode(T, name, "no `data` in the answer"))
+    }
+
+    /// Every page of a list: pages are 0-based, and the last one is reached when
+    /// `(page + 1) * perPage >= total` (or, without a `total`, at a short or empty page).
+    async fn list_all<W: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+        segments: &[&str],
+        filters: &[(&str, &str)],
+    ) -> Result<Vec<W>, CloudError> {
+        let per_page = PER_PAGE.to_string();
+        let mut items = Vec::new();
+        let mut page: i64 = 0;
+        loop {
+            let page_text = page.to_string();
+            let mut query = filters.to_vec();
+            query.push(("page", &page_text));
+            query.push(("perPage", &per_page));
+            let rb = self.request(Method::GET, name, segments, &query)?;
+            let body = self.send(name, rb).await?;
+            let answer: wire::Page<W> = cloud::decode(T, name, &body)?;
+            let got = answer.list.len();
+            items.extend(answer.list);
+            let page_size = answer.per_page.filter(|n| *n > 0).unwrap_or(PER_PAGE);
+            let last = got == 0
+                || match answer.total {
+                    Some(total) => (page + 1).saturating_mul(page_size) >= total,
+                    None => (got as i64) < page_size,
+                };
+            if last {
+                return Ok(items);
+            }
+            page += 1;
+            if page >= MAX_PAGES {
+                return Err(CloudError::decode(
+                    T,
+                    name,
+                    format!("the list did not end within {MAX_PAGES} pages"),
+                ));
+            }
+        }
+    }
+
+    /// One cheap authenticated read (the first device of the project): is Golioth reachable,
+    /// and do the key and the project id work?
+    ///
+    /// # Errors
+    /// Any failure, as [`CloudError`] (a bad key is [`CloudError::is_auth`]).
+    pub async fn probe(&self) -> Result<(), CloudError> {
+        let rb = self.request(Method::GET, LIST_DEVICES, &["devices"], &[("perPage", "1")])?;
+        let body = self.send(LIST_DEVICES, rb).await?;
+        cloud::decode::<wire::Page<serde::de::IgnoredAny>>(T, LIST_DEVICES, &body)?;
+        Ok(())
+    }
+
+    /// Every device matching `filter`, all pages, each device once.
+    ///
+    /// # Errors
+    /// The first failed page; nothing partial is returned.
+    pub async fn list_devices(
+        &self,
+        filter: &DeviceFilter,
+    ) -> Result<Vec<RemoteDevice>, CloudError> {
+        let mut query: Vec<(&str, &str)> = Vec::new();
+        if let Some(hw) = &filter.hardware_id {
+            query.push(("hardwareId", hw));
+        }
+        for tag in &filter.tag_ids {
+            query.push(("tags", tag.as_str()));
+        }
+        if let Some(path) = &filter.state_path {
+            query.push(("statePath", path));
+        }
+        let devices: Vec<wire::Device> = self.list_all(LIST_DEVICES, &["devices"], &query).await?;
+        // A device created or deleted between two pages shifts the rest by one: drop repeats.
+        let mut seen = HashSet::new();
+        Ok(devices
+            .into_iter()
+            .map(RemoteDevice::from)
+            .filter(|d| seen.insert(d.id.clone()))
+            .collect())
+    }
+
+    /// The device that has `hardware_id` among its hardware ids, if there is one.
+    ///
+    /// # Errors
+    /// Any failure of the list request.
+    pub async fn find_by_hardware_id(
+        &self,
+        hardware_id: &str,
+    ) -> Result<Option<RemoteDevice>, CloudError> {
+        let filter = DeviceFilter {
+            hardware_id: Some(hardware_id.to_owned()),
+            ..DeviceFilter::default()
+        };
+        Ok(self
+            .list_devices(&filter)
+            .await?
+            .into_iter()
+            .find(|d| d.hardware_ids.iter().any(|h| h == hardware_id)))
+    }
+
+    /// One device by its Golioth id; `None` if there is no such device (404).
+    ///
+    /// # Errors
+    /// Any failure other than 404.
+    pub async fn device(&self, id: &DeviceId) -> Result<Option<RemoteDevice>, CloudError> {
+        let rb = self.request(Method::GET, GET_DEVICE, &["devices", id.as_str()], &[])?;
+        match self.send(GET_DEVICE, rb).await {
+            Ok(body) => Ok(Some(Self::data::<wire::Device>(GET_DEVICE, &body)?.into())),
+            Err(e) if e.status() == Some(404) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Creates a device. Not idempotent: a retry after a lost answer makes a 409 (names are
+    /// unique) — use [`Golioth::register`] for devices known by hardware id.
+    ///
+    /// # Errors
+    /// Any failure; a taken name or hardware id is a 409 (`ALREADY_EXISTS`).
+    pub async fn create_device(&self, device: &NewDevice) -> Result<RemoteDevice, CloudError> {
+        let tag_ids = mapping::tag_strings(&device.tag_ids);
+        let body = wire::CreateDevice {
+            name: &device.name,
+            hardware_ids: &device.hardware_ids,
+            tag_ids: &tag_ids,
+        };
+        let rb = self
+            .request(Method::POST, CREATE_DEVICE, &["devices"], &[])?
+            .json(&body);
+        let answer = self.send(CREATE_DEVICE, rb).await?;
+        Ok(Self::data::<wire::Device>(CREATE_DEVICE, &answer)?.into())
+    }
+
+    /// Finds the device by hardware id, else creates it, and if the create loses a race (409)
+    /// finds it again. Safe to repeat after a crash between the create and the local commit:
+    /// the second run finds what the first one created instead of making a duplicate.
+    ///
+    /// # Errors
+    /// Any failure; a 409 for which no device with this hardware id exists (another device
+    /// already has the name) is returned as it came.
+    pub async fn register(
+        &self,
+        hardware_id: &str,
+        name: &str,
+        tag_ids: &[TagId],
+    ) -> Result<RemoteDevice, CloudError> {
+        if let Some(found) = self.find_by_hardware_id(hardware_id).await? {
+            return Ok(found);
+        }
+        let new = NewDevice {
+            name: name.to_owned(),
+            hardware_ids: vec![hardware_id.to_owned()],
+            tag_ids: tag_ids.to_vec(),
+        };
+        match self.create_device(&new).await {
+            Ok(created) => Ok(created),
+            Err(e) if is_already_exists(&e) => match self.find_by_hardware_id(hardware_id).await? {
+                Some(found) => Ok(found),
+                None => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Changes the fields set in `patch`; returns the device as Golioth now holds it.
+    ///
+    /// # Errors
+    /// Any failure; a device that no longer exists is a 404.
+    pub async fn patch_device(
+        &self,
+        id: &DeviceId,
+        patch: &DevicePatch,
+    ) -> Result<RemoteDevice, CloudError> {
+        let tag_ids = patch.tag_ids.as_deref().map(mapping::tag_strings);
+        let body = wire::UpdateDevice {
+            name: patch.name.as_deref(),
+            hardware_ids: patch.hardware_ids.as_deref(),
+            tag_ids: tag_ids.as_deref(),
+            enabled: patch.enabled,
+        };
+        let rb = self
+            .request(Method::PATCH, PATCH_DEVICE, &["devices", id.as_str()], &[])?
+            .json(&body);
+        let answer = self.send(PATCH_DEVICE, rb).await?;
+        Ok(Self::data::<wire::Device>(PATCH_DEVICE, &answer)?.into())
+    }
+
+    /// Deletes a device and all its data. Returns `false` if it was already gone (404), so
+    /// that a retried delete succeeds.
+    ///
+    /// # Errors
+    /// Any failure other than 404.
+    pub async fn delete_device(&self, id: &DeviceId) -> Result<bool, CloudError> {
+        let rb = self.request(
+            Method::DELETE,
+            DELETE_DEVICE,
+            &["devices", id.as_str()],
+            &[],
+        )?;
+        match self.send(DELETE_DEVICE, rb).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.status() == Some(404) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every tag of the project.
+    ///
+    /// # Errors
+    /// The first failed page.
+    pub async fn list_tags(&self) -> Result<Vec<Tag>, CloudError> {
+        let tags: Vec<wire::Tag> = self.list_all(LIST_TAGS, &["tags"], &[]).await?;
+        Ok(tags.into_iter().map(Tag::from).collect())
+    }
+
+    /// Creates a tag.
+    ///
+    /// # Errors
+    /// Any failure; an existing name is a 409.
+    pub async fn create_tag(&self, name: &str) -> Result<Tag, CloudError> {
+        let rb = self
+            .request(Method::POST, CREATE_TAG, &["tags"], &[])?
+            .json(&wire::CreateTag { name });
+        let answer = self.send(CREATE_TAG, rb).await?;
+        Ok(Self::data::<wire::Tag>(CREATE_TAG, &answer)?.into())
+    }
+
+    /// The ids of the tags named `names`, in the same order, creating those that do not exist
+    /// (a create that loses a race to another writer finds the winner's tag).
+    ///
+    /// # Errors
+    /// Any failure of the list or of a create.
+    pub async fn resolve_tags(&self, names: &[String]) -> Result<Vec<TagId>, CloudError> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut known: HashMap<String, TagId> = self
+            .list_tags()
+            .await?
+            .into_iter()
+            .map(|t| (t.name, t.id))
+            .collect();
+        for name in names {
+            if known.contains_key(name) {
+                continue;
+            }
+            match self.create_tag(name).await {
+                Ok(tag) => {
+                    known.insert(name.clone(), tag.id);
+                }
+                Err(e) if is_already_exists(&e) => {
+                    let tag = self
+                        .list_tags()
+                        .await?
+                        .into_iter()
+                        .find(|t| t.name == *name);
+                    match tag {
+                        Some(tag) => known.insert(name.clone(), tag.id),
+                        None => return Err(e),
+                    };
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(names.iter().filter_map(|n| known.get(n).cloned()).collect())
+    }
+
+    /// The LightDB State document at `path` (e.g. `desired`, `gw/state`); `None` when nothing
+    /// is stored there (a `null` document, or a 404).
+    ///
+    /// # Errors
+    /// Any other failure; a path with an empty segment is refused before sending.
+    pub async fn get_state(&self, id: &DeviceId, path: &str) -> Result<Option<Value>, CloudError> {
+        let segments = state_segments(GET_STATE, id, path)?;
+        let rb = self.request(Method::GET, GET_STATE, &segments, &[])?;
+        match self.send(GET_STATE, rb).await {
+            Ok(body) => Ok(cloud::decode::<wire::Data<Value>>(T, GET_STATE, &body)?
+                .data
+                .filter(|v| !v.is_null())),
+            Err(e) if e.status() == Some(404) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sets the LightDB State document at `path` to `value` (PUT: the value at that path is
+    /// replaced; the rest of the device's tree is untouched).
+    ///
+    /// # Errors
+    /// Any failure.
+    pub async fn put_state(
+        &self,
+        id: &DeviceId,
+        path: &str,
+        value: &Value,
+    ) -> Result<(), CloudError> {
+        let segments = state_segments(PUT_STATE, id, path)?;
+        let rb = self
+            .request(Method::PUT, PUT_STATE, &segments, &[])?
+            .json(value);
+        self.send(PUT_STATE, rb).await.map(drop)
+    }
+
+    /// Removes the document at `path`. Already absent (404) counts as done.
+    ///
+    /// # Errors
+    /// Any other failure.
+    pub async fn delete_state(&self, id: &DeviceId, path: &str) -> Result<(), CloudError> {
+        let segments = state_segments(DELETE_STATE, id, path)?;
+        let rb = self.request(Method::DELETE, DELETE_STATE, &segments, &[])?;
+        match self.send(DELETE_STATE, rb).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.status() == Some(404) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Golioth says "exists" with HTTP 409 and gRPC `ALREADY_EXISTS`.
+fn is_already_exists(e: &CloudError) -> bool {
+    e.status() == Some(409) || e.code() == Some("ALREADY_EXISTS")
+}
+
+/// `devices/{id}/data/<path segments>`: each segment encoded on its own, so the path keeps
+/// its levels and nothing in it can reach the query.
+fn state_segments<'a>(
+    name: &str,
+    id: &'a DeviceId,
+    path: &'a str,
+) -> Result<Vec<&'a str>, CloudError> {
+    if path.is_empty() || path.split('/').any(str::is_empty) {
+        return Err(CloudError::request(
+            T,
+            name,
+            format!("LightDB path {path:?} has an empty segment"),
+        ));
+    }
+    let mut segments = vec!["devices", id.as_str(), "data"];
+    segments.extend(path.split('/'));
+    Ok(segments)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::cloud::testing::{Fake, serve};
+    use crate::config::Secret;
+
+    const KEY: &str = "golioth-key-DO-NOT-LEAK-42";
+
+    fn client(fake: &Fake) -> Golioth {
+        let config = GoliothConfig {
+            api_url: fake.url.clone(),
+            project_id: "proj-1".into(),
+            ..GoliothConfig::default()
+        };
+        Golioth::new(&config, ApiKey::new(Secret::new(KEY))).unwrap()
+    }
+
+    fn device(id: &str, hw: &str) -> serde_json::Value {
+        json!({"id": id, "name": hw, "hardwareIds": [hw], "tagIds": [], "enabled": true})
+    }
+
+    #[tokio::test]
+    async fn a_list_walks_every_zero_based_page_with_its_filters() {
+        let fake = serve(|seen, _| {
+            let page: usize = seen.query("page").unwrap().parse().unwrap();
+            let list: Vec<_> = (page * 100..(page * 100 + 100).min(250))
+                .map(|i| {
+                    json!({"id": format!("d{i}"), "name": format!("n{i}"),
+                                "data": {"want": i}})
+                })
+                .collect();
+            (
+                200,
+                json!({"list": list, "page": page, "perPage": 100, "total": 250}).to_string(),
+            )
+        })
+        .await;
+        let filter = DeviceFilter {
+            tag_ids: vec![TagId("t1".into()), TagId("t2".into())],
+            state_path: Some("desired".into()),
+            ..DeviceFilter::default()
+        };
+        let devices = client(&fake).list_devices(&filter).await.unwrap();
+        assert_eq!(devices.len(), 250);
+        assert_eq!(devices[249].state, Some(json!({"want": 249})));
+        let seen = fake.seen();
+        assert_eq!(seen.len(), 3);
+        for (i, s) in seen.iter().enumerate() {
+            assert_eq!(
+                (s.method.as_str(), s.path.as_str()),
+                ("GET", "/v1/projects/proj-1/devices")
+            );
+            assert_eq!(s.query("page"), Some(i.to_string().as_str()));
+            assert_eq!(s.query("perPage"), Some("100"));
+            assert_eq!(s.query("statePath"), Some("desired"));
+            let tags: Vec<&str> = s
+                .query
+                .iter()
+                .filter(|(k, _)| k == "tags")
+                .map(|(_, v)| v.as_str())
+                .collect();
+            assert_eq!(tags, ["t1", "t2"]);
+            assert_eq!(s.header("x-api-key"), Some(KEY));
+        }
+    }
+
+    #[tokio::test]
+    async fn register_finds_the_device_another_attempt_created_after_a_409() {
+        let fake = serve(|seen, n| match (seen.method.as_str(), n) {
+            ("GET", 0) => (
+                200,
+                json!({"list": [], "page": 0, "perPage": 100, "total": 0}).to_string(),
+            ),
+            ("POST", 1) => (
+                409,
+                json!({"code": 6, "message": "device exists", "details": []}).to_string(),
+            ),
+            ("GET", 2) => (
+                200,
+                json!({"list": [device("d9", "site-s1")], "total": "1"}).to_string(),
+            ),
+            _ => (500, "{}".into()),
+        })
+        .await;
+        let found = client(&fake)
+            .register("site-s1", "site-s1", &[TagId("t1".into())])
+            .await
+            .unwrap();
+        assert_eq!(found.id, DeviceId("d9".into()));
+        let seen = fake.seen();
+        assert_eq!(seen.len(), 3);
+        assert_eq!(seen[0].query("hardwareId"), Some("site-s1"));
+        assert_eq!(
+            seen[1].json(),
+            json!({"name": "site-s1", "hardwareIds": ["site-s1"], "tagIds": ["t1"]})
+        );
+    }
+
+    #[tokio::test]
+    async fn state_reads_none_for_a_missing_path_and_writes_at_the_path() {
+        let fake = serve(|seen, _| match (seen.method.as_str(), seen.path.as_str()) {
+            ("GET", "/v1/projects/proj-1/devices/d1/data/gw/desired") => {
+                (200, r#"{"data": null}"#.into())
+            }
+            ("GET", _) => (404, json!({"code": 5, "message": "not found"}).to_string()),
+            ("PUT", _) => (200, json!({"data": null}).to_string()),
+            _ => (500, "{}".into()),
+        })
+        .await;
+        let g = client(&fake);
+        let id = DeviceId("d1".into());
+        assert_eq!(g.get_state(&id, "gw/desired").await.unwrap(), None);
+        assert_eq!(g.get_state(&id, "state").await.unwrap(), None);
+        g.put_state(&id, "state", &json!({"t": 1})).await.unwrap();
+        let put = fake.seen().pop().unwrap();
+        assert_eq!(put.path, "/v1/projects/proj-1/devices/d1/data/state");
+        assert_eq!(put.json(), json!({"t": 1}));
+        assert!(g.get_state(&id, "a//b").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn errors_name_the_request_and_status_and_never_the_key_or_query() {
+        let fake = serve(|_, _| {
+            (
+                503,
+                json!({"code": 14, "message": "try later", "details": []}).to_string(),
+            )
+        })
+        .await;
+        let e = client(&fake)
+            .find_by_hardware_id("secret-hw-77")
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "golioth: GET /v1/projects/{projectId}/devices: HTTP 503 [UNAVAILABLE] try later; will be retried"
+        );
+        assert!(e.is_retryable());
+        let debug = format!("{e:?} {:?}", client(&fake));
+        for text in [e.to_string(), debug] {
+            assert!(
+                !text.contains(KEY) && !text.contains("secret-hw-77"),
+                "{text}"
+            );
+        }
+
+        // No answer at all: a closed port.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let config = GoliothConfig {
+            api_url: Url::parse(&format!("http://{closed}")).unwrap(),
+            project_id: "p".into(),
+            ..GoliothConfig::default()
+        };
+        let g = Golioth::new(&config, ApiKey::new(Secret::new(KEY))).unwrap();
+        let e = g.probe().await.unwrap_err();
+        assert!(e.is_unreachable() && e.is_retryable(), "{e}");
+        let text = format!("{e} {e:?}");
+        assert!(!text.contains(KEY) && !text.contains("perPage"), "{text}");
+    }
+}

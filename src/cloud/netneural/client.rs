@@ -1,0 +1,754 @@
+//! Requests to the NetNeural backend's PostgREST API (`<url>/rest/v1/<table>`).
+//!
+//! One [`reqwest::Client`] per [`NetNeural`]; the key is read from the [`ApiKey`] for every
+//! request and sent as `apikey`, and for a legacy JWT key also as `Authorization: Bearer`.
+//! Every query is scoped to the configured organization (and, for assignments, integration).
+
+use std::fmt;
+
+use reqwest::Method;
+use serde_json::Value;
+use url::Url;
+
+use super::mapping::{
+    self, Assignment, DeviceId, DeviceUpdate, NewDevice, RemoteDevice, SyncLogEntry, TelemetryRow,
+    contains_one, eq, in_list, last_seen_before,
+};
+use super::wire;
+use crate::cloud::{self, ApiKey, CloudError, http_client, secret_header, url_of};
+use crate::config::NetNeuralConfig;
+use crate::model::{Target, UnixMillis};
+
+const T: Target = Target::NetNeural;
+
+/// Conditional metadata writes tried before giving up with a retryable error: each lost race
+/// means another writer changed the row in between, which is rare and brief.
+pub const METADATA_ATTEMPTS: usize = 5;
+
+/// Device ids per assignments request: 100 uuids keep the URL near 4 KiB, under every proxy's
+/// limit.
+const ASSIGNMENT_CHUNK: usize = 100;
+
+const GET_DEVICES: &str = "GET /rest/v1/devices";
+const POST_DEVICES: &str = "POST /rest/v1/devices";
+const PATCH_DEVICES: &str = "PATCH /rest/v1/devices";
+const POST_TELEMETRY: &str = "POST /rest/v1/device_telemetry_history";
+const GET_ASSIGNMENTS: &str = "GET /rest/v1/device_service_assignments";
+const POST_SYNC_LOG: &str = "POST /rest/v1/integration_sync_log";
+
+/// The NetNeural backend (Supabase), through PostgREST.
+#[derive(Clone)]
+pub struct NetNeural {
+    http: reqwest::Client,
+    base: Url,
+    organization_id: String,
+    integration_id: String,
+    key: ApiKey,
+}
+
+impl fmt::Debug for NetNeural {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NetNeural")
+            .field("base", &self.base.as_str())
+            .field("organization_id", &self.organization_id)
+            .field("integration_id", &self.integration_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NetNeural {
+    /// # Errors
+    /// When `netneural.url` is unset or the HTTP client cannot be set up.
+    pub fn new(config: &NetNeuralConfig, key: ApiKey) -> Result<NetNeural, CloudError> {
+        let base = config
+            .url
+            .clone()
+            .ok_or_else(|| CloudError::request(T, "client set-up", "netneural.url is not set"))?;
+        Ok(NetNeural {
+            http: http_client(T, config.http())?,
+            base,
+            organization_id: config.organization_id.clone(),
+            integration_id: config.integration_id.clone(),
+            key,
+        })
+    }
+
+    /// A request to `/rest/v1/<table>`, with the key headers.
+    fn request(
+        &self,
+        method: Method,
+        name: &str,
+        table: &str,
+        query: &[(&str, &str)],
+    ) -> Result<reqwest::RequestBuilder, CloudError> {
+        let url = url_of(&self.base, &["rest", "v1", table], query);
+        let key = self.key.get();
+        let unusable = || {
+            CloudError::request(
+                T,
+                name,
+                "the API key holds bytes an HTTP header cannot carry",
+            )
+        };
+        let mut rb = self
+            .http
+            .request(method, url)
+            .header("apikey", secret_header(key.expose()).ok_or_else(unusable)?)
+            .header(reqwest::header::ACCEPT, "application/json");
+        if mapping::is_legacy_jwt(key.expose()) {
+            let bearer = secret_header(&format!("Bearer {}", key.expose())).ok_or_else(unusable)?;
+            rb = rb.header(reqwest::header::AUTHORIZATION, bearer);
+        }
+        Ok(rb)
+    }
+
+    async fn send(&self, name: &str, rb: reqwest::RequestBuilder) -> Result<Vec<u8>, CloudError> {
+        cloud::send(T, name, rb, mapping::error_body).await
+    }
+
+    /// Rows of a `return=representation` or GET answer.
+    async fn rows<W: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+        rb: reqwest::RequestBuilder,
+    ) -> Result<Vec<W>, CloudError> {
+        let body = self.send(name, rb).await?;
+        cloud::decode(T, name, &body)
+    }
+
+    /// One cheap authenticated read (one device id of the organization): is the backend
+    /// reachable, and does the key work?
+    ///
+    /// # Errors
+    /// Any failure, as [`CloudError`] (a bad key is [`CloudError::is_auth`]).
+    pub async fn probe(&self) -> Result<(), CloudError> {
+        let org = eq(&self.organization_id);
+        let rb = self.request(
+            Method::GET,
+            GET_DEVICES,
+            "devices",
+            &[("select", "id"), ("organization_id", &org), ("limit", "1")],
+        )?;
+        self.rows::<wire::IdOnly>(GET_DEVICES, rb).await.map(drop)
+    }
+
+    /// The first (oldest) live device of the organization matching `filter`.
+    async fn find_one(&self, filter: (&str, &str)) -> Result<Option<wire::Device>, CloudError> {
+        let org = eq(&self.organization_id);
+        let rb = self.request(
+            Method::GET,
+            GET_DEVICES,
+            "devices",
+            &[
+                ("select", wire::DEVICE_COLUMNS),
+                ("organization_id", &org),
+                filter,
+                ("deleted_at", "is.null"),
+                ("order", "created_at.asc"),
+                ("limit", "1"),
+            ],
+        )?;
+        Ok(self.rows(GET_DEVICES, rb).await?.into_iter().next())
+    }
+
+    /// The live device of the organization that has `hardware_id` in `hardware_ids`.
+    ///
+    /// # Errors
+    /// Any failure.
+    pub async fn find_by_hardware_id(
+        &self,
+        hardware_id: &str,
+    ) -> Result<Option<RemoteDevice>, CloudError> {
+        let filter = contains_one(hardware_id);
+        Ok(self
+            .find_one(("hardware_ids", &filter))
+            .await?
+            .map(RemoteDevice::from))
+    }
+
+    /// The live device of the organization linked to this Golioth device id.
+    ///
+    /// # Errors
+    /// Any failure.
+    pub async fn find_by_external_id(
+        &self,
+        golioth_id: &str,
+    ) -> Result<Option<RemoteDevice>, CloudError> {
+        let filter = eq(golioth_id);
+        Ok(self
+            .find_one(("external_device_id", &filter))
+            .await?
+            .map(RemoteDevice::from))
+    }
+
+    /// One live device of the organization by id.
+    ///
+    /// # Errors
+    /// Any failure.
+    pub async fn device(&self, id: &DeviceId) -> Result<Option<RemoteDevice>, CloudError> {
+        Ok(self.device_row(id).await?.map(RemoteDevice::from))
+    }
+
+    async fn device_row(&self, id: &DeviceId) -> Result<Option<wire::Device>, CloudError> {
+        let filter = eq(id.as_str());
+        self.find_one(("id", &filter)).await
+    }
+
+    /// Creates a device in the configured organization and integration. A 409 unique
+    /// violation usually means an earlier attempt (whose answer was lost) or another writer
+    /// created it: the device is then looked up by its hardware ids and its Golioth id, and
+    /// returned if found.
+    ///
+    /// # Errors
+    /// Any failure; a unique violation with no such device to be found is returned as it
+    /// came ([`CloudError::is_unique_violation`]).
+    pub async fn create_device(&self, device: &NewDevice) -> Result<RemoteDevice, CloudError> {
+        let integration = (!self.integration_id.is_empty()).then_some(self.integration_id.as_str());
+        let body = wire::DeviceInsert {
+            organization_id: &self.organization_id,
+            integration_id: integration,
+            name: &device.name,
+            hardware_ids: &device.hardware_ids,
+            serial_number: device.serial_number.as_deref(),
+            external_device_id: device.external_device_id.as_deref(),
+            status: device.status.as_ref().map(|s| s.as_str()),
+            firmware_version: device.firmware_version.as_deref(),
+            metadata: (!device.metadata.is_empty()).then_some(&device.metadata),
+        };
+        let rb = self
+            .request(
+                Method::POST,
+                POST_DEVICES,
+                "devices",
+                &[("select", wire::DEVICE_COLUMNS)],
+            )?
+            .header("Prefer", "return=representation")
+            .json(&body);
+        let err = match self.rows::<wire::Device>(POST_DEVICES, rb).await {
+            Ok(rows) => {
+                return rows
+                    .into_iter()
+                    .next()
+                    .map(RemoteDevice::from)
+                    .ok_or_else(|| CloudError::decode(T, POST_DEVICES, "no row in the answer"));
+            }
+            Err(e) if e.is_unique_violation() => e,
+            Err(e) => return Err(e),
+        };
+        for hw in &device.hardware_ids {
+            if let Some(found) = self.find_by_hardware_id(hw).await? {
+                return Ok(found);
+            }
+        }
+        if let Some(golioth_id) = &device.external_device_id
+            && let Some(found) = self.find_by_external_id(golioth_id).await?
+        {
+            return Ok(found);
+        }
+        Err(err)
+    }
+
+    /// Changes the columns set in `update`; returns the row as it is now, or `None` if the
+    /// device does not exist (or is deleted) in the organization.
+    ///
+    /// # Errors
+    /// Any failure.
+    pub async fn update_device(
+        &self,
+        id: &DeviceId,
+        update: &DeviceUpdate,
+    ) -> Result<Option<RemoteDevice>, CloudError> {
+        let body = wire::DeviceUpdate {
+            name: update.name.as_deref(),
+            serial_number: update.serial_number.as_deref(),
+            hardware_ids: update.hardware_ids.as_deref(),
+            external_device_id: update.external_device_id.as_deref(),
+            status: update.status.as_ref().map(|s| s.as_str()),
+            last_seen: update.last_seen.map(UnixMillis::to_rfc3339),
+            firmware_version: update.firmware_version.as_deref(),
+            metadata: update.metadata.as_ref(),
+            updated_at: None,
+        };
+        if body.is_empty() {
+            return self.device(id).await;
+        }
+        let (id_filter, org) = (eq(id.as_str()), eq(&self.organization_id));
+        let rb = self
+            .request(
+                Method::PATCH,
+                PATCH_DEVICES,
+                "devices",
+                &[
+                    ("id", &id_filter),
+                    ("organization_id", &org),
+                    ("deleted_at", "is.null"),
+                    ("select", wire::DEVICE_COLUMNS),
+                ],
+            )?
+            .header("Prefer", "return=representation")
+            .json(&body);
+        Ok(self
+            .rows::<wire::Device>(PATCH_DEVICES, rb)
+            .await?
+            .into_iter()
+            .next()
+            .map(RemoteDevice::from))
+    }
+
+    /// Sets one key of the device's `metadata`, leaving every other key as whoever wrote it
+    /// left it. Reads `metadata` and `updated_at`, merges the key, and writes only if
+    /// `updated_at` is unchanged (`PATCH ?id=eq.X&updated_at=eq.T`); an empty answer means
+    /// another writer got in between, so it reads and tries again, up to
+    /// [`METADATA_ATTEMPTS`] times. The write also sets `updated_at`, so that the check works
+    /// whether or not the table has a trigger for it. Writing the value already there sends
+    /// no write. Returns the row after the write, or `None` if the device does not exist.
+    ///
+    /// # Errors
+    /// Any failure; every attempt lost to another writer is a retryable
+    /// [`crate::cloud::Failure::Contended`].
+    pub async fn set_metadata_key(
+        &self,
+        id: &DeviceId,
+        key: &str,
+        value: &Value,
+    ) -> Result<Option<RemoteDevice>, CloudError> {
+        for _ in 0..METADATA_ATTEMPTS {
+            let Some(row) = self.device_row(id).await? else {
+                return Ok(None);
+            };
+            let mut metadata = match &row.metadata {
+                Some(Value::Object(m)) => m.clone(),
+                _ => serde_json::Map::new(),
+            };
+            if metadata.get(key) == Some(value) {
+                return Ok(Some(row.into()));
+            }
+            metadata.insert(key.to_owned(), value.clone());
+            let body = wire::DeviceUpdate {
+                metadata: Some(&metadata),
+                updated_at: Some(UnixMillis::now().to_rfc3339()),
+                ..wire::DeviceUpdate::default()
+            };
+            let (id_filter, org) = (eq(id.as_str()), eq(&self.organization_id));
+            let version = match &row.updated_at {
+                Some(t) => eq(t),
+                None => "is.null".to_owned(),
+            };
+            let rb = self
+                .request(
+                    Method::PATCH,
+                    PATCH_DEVICES,
+                    "devices",
+                    &[
+                        ("id", &id_filter),
+                        ("organization_id", &org),
+                        ("updated_at", &version),
+                        ("select", wire::DEVICE_COLUMNS),
+                    ],
+                )?
+                .header("Prefer", "return=representation")
+                .json(&body);
+            let written: Vec<wire::Device> = self.rows(PATCH_DEVICES, rb).await?;
+            if let Some(row) = written.into_iter().next() {
+                return Ok(Some(row.into()));
+            }
+        }
+        Err(CloudError::contended(
+            T,
+            PATCH_DEVICES,
+            format!("metadata.{key} of device {id}: {METADATA_ATTEMPTS} attempts"),
+        ))
+    }
+
+    /// Inserts a batch of telemetry points in one request. Points whose `idempotency_key` is
+    /// already stored are skipped (`on_conflict=idempotency_key`, `resolution=ignore-duplicates`),
+    /// so a batch retried after its first attempt committed stores nothing twice. Needs the
+    /// backend migration in `contrib/supabase/migrations/`.
+    ///
+    /// # Errors
+    /// Any failure; the whole batch is then not stored. A device unknown to the backend is a
+    /// 409 [`CloudError::is_foreign_key_violation`]; a batch above
+    /// [`NetNeuralConfig::MAX_TELEMETRY_BATCH`] is refused before sending.
+    pub async fn insert_telemetry(&self, rows: &[TelemetryRow]) -> Result<(), CloudError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        if rows.len() > NetNeuralConfig::MAX_TELEMETRY_BATCH {
+            return Err(CloudError::request(
+                T,
+                POST_TELEMETRY,
+                format!(
+                    "{} points in one batch, the most is {}",
+                    rows.len(),
+                    NetNeuralConfig::MAX_TELEMETRY_BATCH
+                ),
+            ));
+        }
+        let body: Vec<wire::TelemetryInsert<'_>> = rows
+            .iter()
+            .map(|r| wire::TelemetryInsert {
+                device_id: r.device_id.as_str(),
+                organization_id: &self.organization_id,
+                telemetry: &r.telemetry,
+                device_timestamp: r.device_timestamp.map(UnixMillis::to_rfc3339),
+                received_at: r.received_at.to_rfc3339(),
+                idempotency_key: &r.idempotency_key,
+            })
+            .collect();
+        let rb = self
+            .request(
+                Method::POST,
+                POST_TELEMETRY,
+                "device_telemetry_history",
+                &[
+                    ("on_conflict", "idempotency_key"),
+                    ("columns", wire::TELEMETRY_COLUMNS),
+                ],
+            )?
+            .header("Prefer", "resolution=ignore-duplicates,return=minimal")
+            .json(&body);
+        self.send(POST_TELEMETRY, rb).await.map(drop)
+    }
+
+    /// Moves the device's `last_seen` to `at` unless it is already there or later
+    /// (`?or=(last_seen.is.null,last_seen.lt.T)`), so that batches arriving out of order
+    /// never move it back. Returns whether it moved.
+    ///
+    /// # Errors
+    /// Any failure.
+    pub async fn advance_last_seen(
+        &self,
+        id: &DeviceId,
+        at: UnixMillis,
+    ) -> Result<bool, CloudError> {
+        let (id_filter, org) = (eq(id.as_str()), eq(&self.organization_id));
+        let older = last_seen_before(at);
+        let body = wire::DeviceUpdate {
+            last_seen: Some(at.to_rfc3339()),
+            ..wire::DeviceUpdate::default()
+        };
+        let rb = self
+            .request(
+                Method::PATCH,
+                PATCH_DEVICES,
+                "devices",
+                &[
+                    ("id", &id_filter),
+                    ("organization_id", &org),
+                    ("or", &older),
+                    ("select", "id"),
+                ],
+            )?
+            .header("Prefer", "return=representation")
+            .json(&body);
+        Ok(!self
+            .rows::<wire::IdOnly>(PATCH_DEVICES, rb)
+            .await?
+            .is_empty())
+    }
+
+    /// How each of `devices` syncs with the configured integration. A device without an
+    /// assignment row is absent from the answer (the caller decides what that means).
+    ///
+    /// # Errors
+    /// Any failure.
+    pub async fn assignments(&self, devices: &[DeviceId]) -> Result<Vec<Assignment>, CloudError> {
+        let integration = eq(&self.integration_id);
+        let mut out = Vec::new();
+        for chunk in devices.chunks(ASSIGNMENT_CHUNK) {
+            let ids = in_list(chunk.iter().map(DeviceId::as_str));
+            let rb = self.request(
+                Method::GET,
+                GET_ASSIGNMENTS,
+                "device_service_assignments",
+                &[
+                    ("select", wire::ASSIGNMENT_COLUMNS),
+                    ("integration_id", &integration),
+                    ("device_id", &ids),
+                ],
+            )?;
+            let rows: Vec<wire::Assignment> = self.rows(GET_ASSIGNMENTS, rb).await?;
+            out.extend(rows.into_iter().map(Assignment::from));
+        }
+        Ok(out)
+    }
+
+    /// Writes one `integration_sync_log` row for the configured organization and integration.
+    ///
+    /// # Errors
+    /// Any failure.
+    pub async fn log_sync(&self, entry: &SyncLogEntry) -> Result<(), CloudError> {
+        let body = wire::SyncLogInsert {
+            organization_id: &self.organization_id,
+            integration_id: &self.integration_id,
+            operation: entry.operation.as_str(),
+            status: entry.status.as_str(),
+            device_id: entry.device_id.as_ref().map(DeviceId::as_str),
+            devices_processed: entry.devices_processed,
+            devices_succeeded: entry.devices_succeeded,
+            devices_failed: entry.devices_failed,
+            conflicts_detected: entry.conflicts_detected,
+            error_message: entry.error_message.as_deref(),
+            details: &entry.details,
+            started_at: entry.started_at.to_rfc3339(),
+            completed_at: entry.completed_at.map(UnixMillis::to_rfc3339),
+            duration_ms: entry.duration_ms,
+        };
+        let rb = self
+            .request(Method::POST, POST_SYNC_LOG, "integration_sync_log", &[])?
+            .header("Prefer", "return=minimal")
+            .json(&body);
+        self.send(POST_SYNC_LOG, rb).await.map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::cloud::Failure;
+    use crate::cloud::testing::{Fake, serve};
+    use crate::config::Secret;
+
+    const JWT: &str = "eyJhbGciOiJIUzI1NiJ9.eyJyb2xlIjoic2VydmljZV9yb2xlIn0.c2lnLURPLU5PVC1MRUFL";
+    const NEW_KEY: &str = "sb_secret_DO-NOT-LEAK-0123456789";
+
+    fn client(fake: &Fake, key: &str) -> NetNeural {
+        let config = NetNeuralConfig {
+            url: Some(fake.url.clone()),
+            organization_id: "org-1".into(),
+            integration_id: "int-1".into(),
+            ..NetNeuralConfig::default()
+        };
+        NetNeural::new(&config, ApiKey::new(Secret::new(key))).unwrap()
+    }
+
+    fn row(id: &str, metadata: Value, updated_at: &str) -> Value {
+        json!({"id": id, "organization_id": "org-1", "name": "s1", "hardware_ids": ["site-s1"],
+               "metadata": metadata, "updated_at": updated_at, "deleted_at": null})
+    }
+
+    #[tokio::test]
+    async fn the_key_goes_in_apikey_and_in_a_bearer_only_when_it_is_a_jwt() {
+        let fake = serve(|_, _| (200, "[]".into())).await;
+        client(&fake, JWT).probe().await.unwrap();
+        client(&fake, NEW_KEY).probe().await.unwrap();
+        let seen = fake.seen();
+        assert_eq!(seen[0].path, "/rest/v1/devices");
+        assert_eq!(seen[0].query("organization_id"), Some("eq.org-1"));
+        assert_eq!(seen[0].header("apikey"), Some(JWT));
+        assert_eq!(
+            seen[0].header("authorization"),
+            Some(format!("Bearer {JWT}").as_str())
+        );
+        assert_eq!(seen[1].header("apikey"), Some(NEW_KEY));
+        assert_eq!(seen[1].header("authorization"), None);
+    }
+
+    #[tokio::test]
+    async fn a_create_that_hits_a_unique_violation_returns_the_existing_device() {
+        let fake = serve(|seen, _| match seen.method.as_str() {
+            "POST" => (
+                409,
+                json!({"code": "23505", "message": "duplicate key", "details": null, "hint": null})
+                    .to_string(),
+            ),
+            _ => (
+                200,
+                json!([row("u1", json!({}), "2024-05-01T10:00:00+00:00")]).to_string(),
+            ),
+        })
+        .await;
+        let new = NewDevice {
+            name: "s1".into(),
+            hardware_ids: vec!["site-s1".into()],
+            ..NewDevice::default()
+        };
+        let device = client(&fake, NEW_KEY).create_device(&new).await.unwrap();
+        assert_eq!(device.id, DeviceId("u1".into()));
+        let seen = fake.seen();
+        assert_eq!(seen[0].header("prefer"), Some("return=representation"));
+        assert_eq!(
+            seen[0].json(),
+            json!({"organization_id": "org-1", "integration_id": "int-1", "name": "s1",
+                   "hardware_ids": ["site-s1"]})
+        );
+        assert_eq!(seen[1].query("hardware_ids"), Some(r#"cs.{"site-s1"}"#));
+        assert_eq!(seen[1].query("deleted_at"), Some("is.null"));
+    }
+
+    #[tokio::test]
+    async fn a_metadata_key_is_merged_and_a_lost_race_is_read_and_retried() {
+        let reads = AtomicUsize::new(0);
+        let fake = serve(move |seen, _| match seen.method.as_str() {
+            "GET" => {
+                let t = if reads.fetch_add(1, Ordering::SeqCst) == 0 {
+                    "T1"
+                } else {
+                    "T2"
+                };
+                (
+                    200,
+                    json!([row("u1", json!({"owner": "ui", "reported": {"t": 0}}), t)]).to_string(),
+                )
+            }
+            // The first conditional write loses (another writer moved updated_at to T2).
+            _ if seen.query("updated_at") == Some("eq.T1") => (200, "[]".into()),
+            _ => (
+                200,
+                json!([row("u1", seen.json()["metadata"].clone(), "T3")]).to_string(),
+            ),
+        })
+        .await;
+        let id = DeviceId("u1".into());
+        let device = client(&fake, NEW_KEY)
+            .set_metadata_key(&id, "reported", &json!({"t": 5}))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(device.metadata["reported"], json!({"t": 5}));
+        assert_eq!(device.metadata["owner"], json!("ui"));
+        let patches: Vec<_> = fake
+            .seen()
+            .into_iter()
+            .filter(|s| s.method == "PATCH")
+            .collect();
+        assert_eq!(patches.len(), 2);
+        assert_eq!(patches[1].query("updated_at"), Some("eq.T2"));
+        assert_eq!(patches[1].query("id"), Some("eq.u1"));
+        assert_eq!(
+            patches[1].json()["metadata"],
+            json!({"owner": "ui", "reported": {"t": 5}})
+        );
+    }
+
+    #[tokio::test]
+    async fn a_metadata_write_that_always_loses_gives_up_with_a_retryable_error() {
+        let fake = serve(|seen, _| match seen.method.as_str() {
+            "GET" => (200, json!([row("u1", json!(null), "T1")]).to_string()),
+            _ => (200, "[]".into()),
+        })
+        .await;
+        let e = client(&fake, JWT)
+            .set_metadata_key(&DeviceId("u1".into()), "reported", &json!({}))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e.failure, Failure::Contended { .. }) && e.is_retryable(),
+            "{e}"
+        );
+        assert_eq!(fake.seen().len(), 2 * METADATA_ATTEMPTS);
+        let text = format!("{e} {e:?}");
+        assert!(
+            !text.contains(JWT) && !text.contains("c2lnLURPLU5PVC1MRUFL"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_telemetry_batch_is_one_insert_that_ignores_keys_already_stored() {
+        let fake = serve(|_, _| (201, String::new())).await;
+        let rows: Vec<TelemetryRow> = (0..3)
+            .map(|i| TelemetryRow {
+                device_id: DeviceId("u1".into()),
+                telemetry: json!({"t": i}),
+                device_timestamp: (i > 0).then_some(UnixMillis(1_714_557_600_000)),
+                received_at: UnixMillis(1_714_557_601_500),
+                idempotency_key: format!("gw1:7:{i}"),
+            })
+            .collect();
+        client(&fake, NEW_KEY)
+            .insert_telemetry(&rows)
+            .await
+            .unwrap();
+        let seen = fake.seen();
+        assert_eq!(seen.len(), 1);
+        let s = &seen[0];
+        assert_eq!(
+            (s.method.as_str(), s.path.as_str()),
+            ("POST", "/rest/v1/device_telemetry_history")
+        );
+        assert_eq!(s.query("on_conflict"), Some("idempotency_key"));
+        assert_eq!(
+            s.header("prefer"),
+            Some("resolution=ignore-duplicates,return=minimal")
+        );
+        let body = s.json();
+        assert_eq!(body.as_array().unwrap().len(), 3);
+        assert_eq!(
+            body[1],
+            json!({"device_id": "u1", "organization_id": "org-1", "telemetry": {"t": 1},
+                   "device_timestamp": "2024-05-01T10:00:00Z",
+                   "received_at": "2024-05-01T10:00:01.5Z", "idempotency_key": "gw1:7:1"})
+        );
+        assert_eq!(body[0]["device_timestamp"], Value::Null);
+    }
+
+    #[tokio::test]
+    async fn last_seen_only_moves_forward_and_foreign_key_errors_are_recognised() {
+        let fake = serve(|seen, _| match seen.method.as_str() {
+            "PATCH" => (200, "[]".into()),
+            _ => (
+                409,
+                json!({"code": "23503", "message": "violates foreign key constraint",
+                       "details": "Key (device_id)=(u9) is not present in table \"devices\".",
+                       "hint": null})
+                .to_string(),
+            ),
+        })
+        .await;
+        let nn = client(&fake, NEW_KEY);
+        let moved = nn
+            .advance_last_seen(&DeviceId("u1".into()), UnixMillis(1_714_557_600_000))
+            .await
+            .unwrap();
+        assert!(!moved);
+        let patch = &fake.seen()[0];
+        assert_eq!(
+            patch.query("or"),
+            Some(r#"(last_seen.is.null,last_seen.lt."2024-05-01T10:00:00Z")"#)
+        );
+        assert_eq!(patch.json(), json!({"last_seen": "2024-05-01T10:00:00Z"}));
+
+        let row = TelemetryRow {
+            device_id: DeviceId("u9".into()),
+            telemetry: json!({}),
+            device_timestamp: None,
+            received_at: UnixMillis(0),
+            idempotency_key: "k".into(),
+        };
+        let e = nn.insert_telemetry(&[row]).await.unwrap_err();
+        assert!(e.is_foreign_key_violation() && !e.is_unique_violation() && !e.is_retryable());
+        assert!(
+            e.to_string().starts_with(
+                "netneural: POST /rest/v1/device_telemetry_history: HTTP 409 [23503] violates"
+            ),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn assignments_are_read_for_the_integration_and_the_given_devices() {
+        let fake = serve(|_, _| {
+            (
+                200,
+                json!([{"device_id": "u1", "external_device_id": "g1", "sync_enabled": true,
+                        "sync_direction": "import", "sync_status": "synced", "last_sync_at": null},
+                       {"device_id": "u2", "sync_enabled": false, "sync_direction": "export"}])
+                .to_string(),
+            )
+        })
+        .await;
+        let ids = [DeviceId("u1".into()), DeviceId("u2".into())];
+        let got = client(&fake, NEW_KEY).assignments(&ids).await.unwrap();
+        assert_eq!(got[0].direction, super::super::SyncDirection::Import);
+        assert_eq!(got[1].direction, super::super::SyncDirection::None);
+        let s = &fake.seen()[0];
+        assert_eq!(s.path, "/rest/v1/device_service_assignments");
+        assert_eq!(s.query("integration_id"), Some("eq.int-1"));
+        assert_eq!(s.query("device_id"), Some(r#"in.("u1","u2")"#));
+    }
+}
