@@ -89,6 +89,12 @@ pub const STABLE_AFTER: Duration = Duration::from_secs(30);
 /// Longest wait for the broker to take a batch of PUBACKs before the connection is dropped.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Least time shutdown gives the broker, after our DISCONNECT, to read what we wrote and close
+/// the connection ([`goodbye`]), even when the drain used up its deadline. Under a flood
+/// Mosquitto reads one packet of ours per turn of its loop, so tens of thousands of PUBACKs
+/// can be waiting in its socket; within the daemon's grace of 2 s beyond the drain.
+const GOODBYE_MIN: Duration = Duration::from_secs(1);
+
 /// Cheap cloneable handle for publishing to the broker.
 #[derive(Clone)]
 pub struct MqttHandle {
@@ -491,20 +497,62 @@ impl Driver {
         {
             tracing::warn!("shutdown deadline reached while sending acknowledgements");
         }
-        if self.eventloop.network.is_none() {
-            // Not connected: polling would connect just to say goodbye.
-            self.health.set_mqtt(LinkState::Down);
-            return;
-        }
-        let _ = self.client.try_disconnect();
-        let flush = tokio::time::Instant::now() + Duration::from_secs(1);
-        while let Ok(Ok(event)) = tokio::time::timeout_at(flush, self.eventloop.poll()).await {
-            if matches!(event, Event::Outgoing(Outgoing::Disconnect)) {
-                break;
+        let bye = until.max(tokio::time::Instant::now() + GOODBYE_MIN);
+        match goodbye(&mut self.eventloop, bye).await {
+            Ok(None) => {} // Not connected: nothing to say goodbye to.
+            Ok(Some(discarded)) => {
+                tracing::info!(
+                    discarded,
+                    "disconnected from broker; it resends what arrived after the stop"
+                );
             }
+            Err(why) => tracing::warn!(
+                "broker did not close the connection after DISCONNECT ({why}); \
+                 it may resend messages already stored"
+            ),
         }
         self.health.set_mqtt(LinkState::Down);
-        tracing::info!("disconnected from broker");
+    }
+}
+
+/// Ends a connection so that the broker reads everything written before: DISCONNECT, then
+/// read and discard until the broker closes the connection (it does on DISCONNECT), within
+/// `deadline`. Returns how many packets were discarded (`None` when not connected): messages that arrived after the stop,
+/// neither stored nor acknowledged, which the broker sends again to the next connection.
+///
+/// Why not just drop the socket: the broker keeps streaming until it reads our DISCONNECT, so
+/// our receive buffer holds unread data, and Linux answers `close()` on such a socket with a
+/// RST instead of a FIN. A RST makes the broker's kernel discard what Mosquitto had not read
+/// yet: our last PUBACKs (under load, thousands of them) and the DISCONNECT. Reading until the
+/// broker's FIN empties our buffer, and the broker's FIN proves it read all we wrote. (rumqttc's
+/// `Network` does not expose the socket, so we cannot half-close it; the DISCONNECT, read in
+/// order after the PUBACKs, does the same job.)
+///
+/// The only rumqttc internals used at shutdown, kept in one place.
+async fn goodbye(
+    eventloop: &mut EventLoop,
+    deadline: tokio::time::Instant,
+) -> Result<Option<u64>, &'static str> {
+    let Some(network) = eventloop.network.as_mut() else {
+        return Ok(None);
+    };
+    let sent = async {
+        network.write(Packet::Disconnect).await?;
+        network.flush().await
+    };
+    match tokio::time::timeout_at(deadline, sent).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => return Err("cannot send DISCONNECT"),
+        Err(_) => return Err("DISCONNECT not taken in time"),
+    }
+    let mut discarded = 0;
+    loop {
+        match tokio::time::timeout_at(deadline, network.read()).await {
+            Ok(Ok(_)) => discarded += 1,
+            // The broker closed the connection (or it broke): nothing more can arrive.
+            Ok(Err(_)) => return Ok(Some(discarded)),
+            Err(_) => return Err("deadline reached"),
+        }
     }
 }
 
