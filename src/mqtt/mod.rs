@@ -13,12 +13,27 @@
 //! sent for 9,000 messages received), and Mosquitto does not hold back (its
 //! `max_inflight_messages` did not bound this). The driver therefore writes the PUBACKs of every
 //! committed message straight to the connection between two polls, with one flush, and stops
-//! reading once [`WINDOW`] messages are waiting for their commit. At most a window of stored
-//! but unacknowledged messages is redelivered after a crash.
+//! reading once [`WINDOW`] messages are waiting for their commit. The window bounds what is
+//! read but not yet committed; it does not bound what a broken connection makes the broker
+//! resend. A PUBACK written is not a PUBACK read: under several flooding publishers Mosquitto
+//! 2.0.11 read one of ours per four PUBLISHes it forwarded (16,000–18,000 stored messages
+//! awaiting their PUBACK's turn), and when a connection ends in a RST it drops what it had not
+//! read. So after a crash or a lost connection the broker resends up to that many stored
+//! messages.
 //!
 //! Redeliveries carry DUP and their original packet id; the store recognises one whose content
-//! it already holds ([`crate::store::DEDUP_SPAN`]) and it is acknowledged without being
-//! stored twice.
+//! it already holds ([`crate::store::DEDUP_SPAN`], which says why it is half the packet-id
+//! space) and it is acknowledged without being stored twice.
+//!
+//! **A clean stop leaves nothing stored to resend** (SIGTERM, i.e. `links.shutdown`): read no
+//! more, wait (within `links.drain`) for the commits of what was handed to the store, write
+//! their PUBACKs, then DISCONNECT and read and discard until the broker closes the connection
+//! ([`goodbye`]). Messages read in that last phase are neither stored nor acknowledged; the
+//! broker resends them to the next connection, where they are stored once. Dropping the socket
+//! instead, while the broker still streams to us, closes it with unread data, which Linux
+//! answers with a RST: Mosquitto then never reads our last PUBACKs nor the DISCONNECT (its log
+//! said "closed its connection", not "Received DISCONNECT"), and resent thousands of stored
+//! messages per stop.
 //!
 //! If a commit fails (a full disk), that message and every later one of the same connection
 //! are left unacknowledged (the store holds them back rather than storing them out of order),
