@@ -150,7 +150,8 @@ pub struct Links {
 }
 
 /// Starts the MQTT driver on `tracker`. It stops when `links.shutdown` fires, after
-/// acknowledging (within `links.drain`) everything already handed to the store.
+/// acknowledging (within `links.drain`) everything already handed to the store and waiting
+/// for the broker to close the connection, so that it has read those acknowledgements.
 ///
 /// # Errors
 /// When a topic template is unusable (configuration validation refuses those first).
