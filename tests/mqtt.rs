@@ -225,6 +225,13 @@ async fn shutdown_mid_stream_loses_nothing_and_stores_nothing_twice() {
         (0..N as u64).collect::<Vec<_>>(),
         "every message once, in order"
     );
+    // A clean stop acknowledged everything it stored, and the broker read those PUBACKs.
+    let resent = Db::open_readonly(&gw.db)
+        .unwrap()
+        .status()
+        .unwrap()
+        .redeliveries_total;
+    assert_eq!(resent, 0, "the broker resent {resent} stored messages");
     gw.stop().await;
 }
 

@@ -13,12 +13,27 @@
 //! sent for 9,000 messages received), and Mosquitto does not hold back (its
 //! `max_inflight_messages` did not bound this). The driver therefore writes the PUBACKs of every
 //! committed message straight to the connection between two polls, with one flush, and stops
-//! reading once [`WINDOW`] messages are waiting for their commit. At most a window of stored
-//! but unacknowledged messages is redelivered after a crash.
+//! reading once [`WINDOW`] messages are waiting for their commit. The window bounds what is
+//! read but not yet committed; it does not bound what a broken connection makes the broker
+//! resend. A PUBACK written is not a PUBACK read: under several flooding publishers Mosquitto
+//! 2.0.11 read one of ours per four PUBLISHes it forwarded (16,000–18,000 stored messages
+//! awaiting their PUBACK's turn), and when a connection ends in a RST it drops what it had not
+//! read. So after a crash or a lost connection the broker resends up to that many stored
+//! messages.
 //!
 //! Redeliveries carry DUP and their original packet id; the store recognises one whose content
-//! it already holds ([`crate::store::DEDUP_SPAN`]) and it is acknowledged without being
-//! stored twice.
+//! it already holds ([`crate::store::DEDUP_SPAN`], which says why it is half the packet-id
+//! space) and it is acknowledged without being stored twice.
+//!
+//! **A clean stop leaves nothing stored to resend** (SIGTERM, i.e. `links.shutdown`): read no
+//! more, wait (within `links.drain`) for the commits of what was handed to the store, write
+//! their PUBACKs, then DISCONNECT and read and discard until the broker closes the connection
+//! ([`goodbye`]). Messages read in that last phase are neither stored nor acknowledged; the
+//! broker resends them to the next connection, where they are stored once. Dropping the socket
+//! instead, while the broker still streams to us, closes it with unread data, which Linux
+//! answers with a RST: Mosquitto then never reads our last PUBACKs nor the DISCONNECT (its log
+//! said "closed its connection", not "Received DISCONNECT"), and resent thousands of stored
+//! messages per stop.
 //!
 //! If a commit fails (a full disk), that message and every later one of the same connection
 //! are left unacknowledged (the store holds them back rather than storing them out of order),
@@ -89,6 +104,12 @@ pub const STABLE_AFTER: Duration = Duration::from_secs(30);
 /// Longest wait for the broker to take a batch of PUBACKs before the connection is dropped.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Least time shutdown gives the broker, after our DISCONNECT, to read what we wrote and close
+/// the connection ([`goodbye`]), even when the drain used up its deadline. Under a flood
+/// Mosquitto reads one packet of ours per turn of its loop, so tens of thousands of PUBACKs
+/// can be waiting in its socket; within the daemon's grace of 2 s beyond the drain.
+const GOODBYE_MIN: Duration = Duration::from_secs(1);
+
 /// Cheap cloneable handle for publishing to the broker.
 #[derive(Clone)]
 pub struct MqttHandle {
@@ -129,7 +150,8 @@ pub struct Links {
 }
 
 /// Starts the MQTT driver on `tracker`. It stops when `links.shutdown` fires, after
-/// acknowledging (within `links.drain`) everything already handed to the store.
+/// acknowledging (within `links.drain`) everything already handed to the store and waiting
+/// for the broker to close the connection, so that it has read those acknowledgements.
 ///
 /// # Errors
 /// When a topic template is unusable (configuration validation refuses those first).
@@ -491,20 +513,62 @@ impl Driver {
         {
             tracing::warn!("shutdown deadline reached while sending acknowledgements");
         }
-        if self.eventloop.network.is_none() {
-            // Not connected: polling would connect just to say goodbye.
-            self.health.set_mqtt(LinkState::Down);
-            return;
-        }
-        let _ = self.client.try_disconnect();
-        let flush = tokio::time::Instant::now() + Duration::from_secs(1);
-        while let Ok(Ok(event)) = tokio::time::timeout_at(flush, self.eventloop.poll()).await {
-            if matches!(event, Event::Outgoing(Outgoing::Disconnect)) {
-                break;
+        let bye = until.max(tokio::time::Instant::now() + GOODBYE_MIN);
+        match goodbye(&mut self.eventloop, bye).await {
+            Ok(None) => {} // Not connected: nothing to say goodbye to.
+            Ok(Some(discarded)) => {
+                tracing::info!(
+                    discarded,
+                    "disconnected from broker; it resends what arrived after the stop"
+                );
             }
+            Err(why) => tracing::warn!(
+                "broker did not close the connection after DISCONNECT ({why}); \
+                 it may resend messages already stored"
+            ),
         }
         self.health.set_mqtt(LinkState::Down);
-        tracing::info!("disconnected from broker");
+    }
+}
+
+/// Ends a connection so that the broker reads everything written before: DISCONNECT, then
+/// read and discard until the broker closes the connection (it does on DISCONNECT), within
+/// `deadline`. Returns how many packets were discarded (`None` when not connected): messages that arrived after the stop,
+/// neither stored nor acknowledged, which the broker sends again to the next connection.
+///
+/// Why not just drop the socket: the broker keeps streaming until it reads our DISCONNECT, so
+/// our receive buffer holds unread data, and Linux answers `close()` on such a socket with a
+/// RST instead of a FIN. A RST makes the broker's kernel discard what Mosquitto had not read
+/// yet: our last PUBACKs (under load, thousands of them) and the DISCONNECT. Reading until the
+/// broker's FIN empties our buffer, and the broker's FIN proves it read all we wrote. (rumqttc's
+/// `Network` does not expose the socket, so we cannot half-close it; the DISCONNECT, read in
+/// order after the PUBACKs, does the same job.)
+///
+/// The only rumqttc internals used at shutdown, kept in one place.
+async fn goodbye(
+    eventloop: &mut EventLoop,
+    deadline: tokio::time::Instant,
+) -> Result<Option<u64>, &'static str> {
+    let Some(network) = eventloop.network.as_mut() else {
+        return Ok(None);
+    };
+    let sent = async {
+        network.write(Packet::Disconnect).await?;
+        network.flush().await
+    };
+    match tokio::time::timeout_at(deadline, sent).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => return Err("cannot send DISCONNECT"),
+        Err(_) => return Err("DISCONNECT not taken in time"),
+    }
+    let mut discarded = 0;
+    loop {
+        match tokio::time::timeout_at(deadline, network.read()).await {
+            Ok(Ok(_)) => discarded += 1,
+            // The broker closed the connection (or it broke): nothing more can arrive.
+            Ok(Err(_)) => return Ok(Some(discarded)),
+            Err(_) => return Err("deadline reached"),
+        }
     }
 }
 
