@@ -1,0 +1,24 @@
+//! Self-tests of the fake clouds: real HTTP (reqwest) against the fakes in `tests/fakes/`.
+//! Nothing of the gateway runs here; these pin down what the fakes promise its tests.
+
+#[path = "mod.rs"]
+mod fakes;
+
+mod selftest_faults;
+mod selftest_golioth;
+mod selftest_netneural;
+
+use std::time::Duration;
+
+/// A plain-HTTP client (reqwest is built without a TLS provider of its own).
+fn client() -> reqwest::Client {
+    client_with_timeout(Duration::from_secs(10))
+}
+
+fn client_with_timeout(timeout: Duration) -> reqwest::Client {
+    nn_gateway::cloud::install_crypto_provider();
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .build()
+        .expect("a client")
+}
