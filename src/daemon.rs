@@ -4,12 +4,14 @@
 //! gateway on port 0 and stop it with their own token.
 //!
 //! Start-up: open the store (migrations) → start CoAP on the bound socket → start MQTT →
-//! start the downlink → READY=1.
+//! start one outbox lane per enabled cloud → start the downlink → READY=1.
 //! Main loop: every tick (and on every link change) the heartbeat is written to the database
 //! for operator commands, WATCHDOG=1 is sent if the store thread answered, and STATUS= gets a
 //! one-line summary; every minute, telemetry retention runs.
 //! Shutdown (the token fires, e.g. on SIGTERM): STOPPING=1 → CoAP stops reading, MQTT stops
-//! storing and acknowledges what is committed → all tasks end within
+//! storing and acknowledges what is committed, the lanes abandon their sends in the air (the
+//! rows stay in flight and are pending again at the next start; telemetry resends its batch,
+//! which the cloud's idempotency key makes harmless) → all tasks end within
 //! `gateway.shutdown_timeout` → the store finishes its queue, checkpoints and closes.
 
 use std::net::SocketAddr;
@@ -17,15 +19,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::UdpSocket;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cloud::ApiKey;
+use crate::cloud::golioth::Golioth;
+use crate::cloud::netneural::NetNeural;
+use crate::cloud::uplink::{GoliothUplink, Identity, NetNeuralUplink};
 use crate::config::Config;
 use crate::downlink::Downlink;
+use crate::health::LaneState;
 use crate::health::{Health, LinkState};
 use crate::model::Target;
 use crate::notify::Notifier;
+use crate::outbox::policy::RetrySchedule;
+use crate::outbox::{LaneConfig, LaneLinks};
 use crate::store::retention::{CHUNK, Policy, RETENTION_EVERY, Report};
 use crate::store::{DaemonBeat, OpenOptions, Store, StoreError};
 
@@ -53,6 +62,117 @@ pub enum DaemonError {
     Mqtt(String),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Cloud(#[from] crate::cloud::CloudError),
+}
+
+/// A cloud's key, and the bell that tells its lane a new one arrived.
+struct LaneKey {
+    target: Target,
+    key: ApiKey,
+    changed: Arc<Notify>,
+}
+
+/// Starts one outbox lane per enabled cloud. Returns their keys, for SIGHUP.
+async fn spawn_lanes(
+    config: &Config,
+    store: &Store,
+    health: &Health,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<Vec<LaneKey>, DaemonError> {
+    let install_id = store.call(|db| Ok(db.install_id().to_owned())).await?;
+    let identity = Identity {
+        template: config.gateway.cloud_id.clone(),
+        site: config.gateway.site_id.clone(),
+    };
+    let mut keys = Vec::new();
+    let mut links = |target: Target, key: &Option<crate::config::Secret>| {
+        let key = ApiKey::new(
+            key.clone()
+                .unwrap_or_else(|| crate::config::Secret::new("")),
+        );
+        let changed = Arc::new(Notify::new());
+        keys.push(LaneKey {
+            target,
+            key: key.clone(),
+            changed: changed.clone(),
+        });
+        let links = LaneLinks {
+            store: store.clone(),
+            health: health.clone(),
+            bell: store.bells().of(target),
+            key_changed: changed,
+            shutdown: shutdown.clone(),
+        };
+        (key, links)
+    };
+    for target in Target::ALL {
+        health.set_lane(target, LaneState::Disabled);
+    }
+    if config.golioth.enabled {
+        let g = &config.golioth;
+        let (key, links) = links(Target::Golioth, &g.api_key);
+        let uplink = GoliothUplink {
+            client: Golioth::new(g, key)?,
+            identity: identity.clone(),
+            reported_path: g.reported_path.clone(),
+        };
+        let lane = LaneConfig {
+            concurrency: g.concurrency,
+            batch: 1,
+            schedule: RetrySchedule {
+                min: g.retry_min,
+                max: g.retry_max,
+            },
+            install_id: install_id.clone(),
+        };
+        crate::outbox::spawn(uplink, lane, links, tracker);
+    }
+    if config.netneural.enabled {
+        let n = &config.netneural;
+        let (key, links) = links(Target::NetNeural, &n.api_key);
+        let uplink = NetNeuralUplink::new(NetNeural::new(n, key)?, identity);
+        let lane = LaneConfig {
+            concurrency: n.concurrency,
+            batch: n.telemetry_batch,
+            schedule: RetrySchedule {
+                min: n.retry_min,
+                max: n.retry_max,
+            },
+            install_id,
+        };
+        crate::outbox::spawn(uplink, lane, links, tracker);
+    }
+    Ok(keys)
+}
+
+/// Applies what SIGHUP re-read and can change while running: the clouds' API keys. A lane
+/// whose key changed rechecks it at once (so a fixed key file ends "auth failed").
+async fn apply_reloads(
+    keys: Vec<LaneKey>,
+    mut reloads: watch::Receiver<Config>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = reloads.changed() => if changed.is_err() { return },
+        }
+        let config = reloads.borrow_and_update().clone();
+        for k in &keys {
+            let new = match k.target {
+                Target::Golioth => config.golioth.api_key.clone(),
+                Target::NetNeural => config.netneural.api_key.clone(),
+            };
+            if let Some(new) = new
+                && k.key.replace(new)
+            {
+                tracing::info!(cloud = k.target.as_str(), "API key re-read from its file");
+                k.changed.notify_one();
+            }
+        }
+    }
 }
 
 /// The sockets the daemon serves on, bound by the caller.
@@ -91,6 +211,23 @@ pub async fn run(
     shutdown: CancellationToken,
     notifier: Notifier,
 ) -> Result<(), DaemonError> {
+    let (_keep, reloads) = watch::channel(config.clone());
+    run_reloadable(config, sockets, shutdown, notifier, reloads).await
+}
+
+/// [`run`], taking each configuration SIGHUP re-reads from `reloads`: the cloud API keys
+/// (from their files) apply at once; what else changed is named by the signal handler as
+/// needing a restart.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_reloadable(
+    config: Config,
+    sockets: Sockets,
+    shutdown: CancellationToken,
+    notifier: Notifier,
+    reloads: watch::Receiver<Config>,
+) -> Result<(), DaemonError> {
     let store = open_store(&config).await?;
     let health = Health::default();
     let tracker = TaskTracker::new();
@@ -128,6 +265,9 @@ pub async fn run(
     } else {
         None
     };
+
+    let keys = spawn_lanes(&config, &store, &health, &shutdown, &tracker).await?;
+    tracker.spawn(apply_reloads(keys, reloads, shutdown.clone()));
 
     let bell = Arc::new(Notify::new());
     let downlink = Downlink {

@@ -176,26 +176,30 @@ fn run_daemon(config: Config, source: Source) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let sockets = daemon::Sockets::bind(&config).await?;
         let shutdown = CancellationToken::new();
+        let (reload_tx, reloads) = tokio::sync::watch::channel(config.clone());
         tokio::spawn(signals(
             shutdown.clone(),
             source,
             config.clone(),
             filter,
             notifier.clone(),
+            reload_tx,
         ));
-        daemon::run(config, sockets, shutdown, notifier).await?;
+        daemon::run_reloadable(config, sockets, shutdown, notifier, reloads).await?;
         Ok(())
     })
 }
 
 /// SIGTERM and SIGINT stop the daemon; SIGHUP re-reads the configuration, applies what can
-/// change while running (the log filter) and names the keys that need a restart.
+/// change while running (the log filter, the clouds' API key files) and names the keys that
+/// need a restart.
 async fn signals(
     shutdown: CancellationToken,
     source: Source,
     mut current: Config,
     filter: FilterHandle,
     notifier: Notifier,
+    reloads: tokio::sync::watch::Sender<Config>,
 ) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
@@ -221,6 +225,8 @@ async fn signals(
                             tracing::warn!(level = %new.log.level, "log.level not applied: invalid filter");
                         }
                         let pending = current.restart_needed(&new);
+                        // Key files are re-read by the load above; the lanes take the keys.
+                        let _ = reloads.send(new.clone());
                         if pending.is_empty() {
                             tracing::info!("configuration reloaded");
                         } else {
