@@ -561,3 +561,32 @@ fn after_a_failed_write_the_rest_of_its_stream_is_held_back_but_other_streams_go
         store.close().await;
     });
 }
+
+#[test]
+fn two_opens_of_a_fresh_database_at_once_both_succeed() {
+    // The daemon starting on a new database while `desired set` opens it too: both migrate
+    // (only one applies each migration) and both switch to WAL. Switching needs an exclusive
+    // lock that SQLite's busy handler does not wait for, so a bare PRAGMA fails at once with
+    // "database is locked" about once in 30 pairs.
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..300 {
+        let path = dir.path().join(format!("race-{i}.db"));
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let opens: Vec<_> = (0..2)
+            .map(|_| {
+                let (path, barrier) = (path.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    Db::open(&path, &opts(vec![])).map(|_| ())
+                })
+            })
+            .collect();
+        for open in opens {
+            if let Err(e) = open.join().unwrap() {
+                panic!("pair {i}: {e}");
+            }
+        }
+        let db = Db::open_readonly(&path).unwrap();
+        assert_eq!(db.status().unwrap().schema_version, SCHEMA_VERSION);
+    }
+}
