@@ -149,11 +149,22 @@ pub struct Gateway {
     task: JoinHandle<Result<(), daemon::DaemonError>>,
 }
 
+/// How long a gateway may take from start to its first heartbeat.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
 impl Gateway {
+    /// Starts the daemon and returns once it runs with its store open (see
+    /// [`Gateway::start_with`]).
     pub async fn start(cfg: Config) -> Gateway {
         Gateway::start_with(cfg, Notifier::disabled()).await
     }
 
+    /// Starts the daemon with `notifier` and returns once its store is open and its main loop
+    /// runs: once the database holds a heartbeat of this run. The daemon writes it through the
+    /// store thread right after READY=1, so a test that then opens the database itself (as
+    /// `desired set` does) never races the daemon's first open of a fresh file. The heartbeat,
+    /// not READY=1, is what the rig watches because the caller may want the notifications
+    /// itself (tests/systemd.rs does). Panics with the daemon's error if it stops instead.
     pub async fn start_with(cfg: Config, notifier: Notifier) -> Gateway {
         let sockets = Sockets::bind(&cfg).await.unwrap();
         let coap_port = sockets
@@ -162,7 +173,23 @@ impl Gateway {
             .map_or(0, |s| s.local_addr().unwrap().port());
         let shutdown = CancellationToken::new();
         let db = cfg.storage.path.clone();
-        let task = tokio::spawn(daemon::run(cfg, sockets, shutdown.clone(), notifier));
+        let started = nn_gateway::model::UnixMillis::now().0;
+        let mut task = tokio::spawn(daemon::run(cfg, sockets, shutdown.clone(), notifier));
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !beat_since(&db, started) {
+            if task.is_finished() {
+                match (&mut task).await {
+                    Ok(Err(e)) => panic!("the gateway did not start: {e}"),
+                    Ok(Ok(())) => panic!("the gateway stopped before its first heartbeat"),
+                    Err(e) => panic!("the gateway's task failed: {e}"),
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no heartbeat from the gateway within {START_TIMEOUT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         Gateway {
             shutdown,
             coap_port,
@@ -180,6 +207,14 @@ impl Gateway {
             .unwrap()
             .unwrap();
     }
+}
+
+/// Whether the database holds a heartbeat written at or after `since` (unix ms) by a daemon
+/// that has not stopped.
+fn beat_since(db: &Path, since: i64) -> bool {
+    Db::open_readonly(db)
+        .and_then(|d| d.status())
+        .is_ok_and(|s| s.daemon.is_some_and(|b| b.at >= since && !b.stopped))
 }
 
 /// Polls `check` against a read-only connection to the database until it returns `Some`.
