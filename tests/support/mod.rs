@@ -15,6 +15,28 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// Set to `1` (as `.ci/test` does) to make a test whose prerequisite is missing fail instead
+/// of skipping: CI must run every test.
+pub const NO_SKIP_VAR: &str = "NNGW_TEST_NO_SKIP";
+
+/// For a test that cannot run here because `missing` (root, a tool) is not available: says so
+/// on stderr, past the test harness's output capture so it shows even when the test passes,
+/// and returns so the test can end; or, with [`NO_SKIP_VAR`]`=1`, fails the test.
+#[track_caller]
+pub fn skip(test: &str, missing: &str) {
+    if std::env::var(NO_SKIP_VAR).is_ok_and(|v| v == "1") {
+        panic!("{test} cannot run: {missing}; {NO_SKIP_VAR}=1 says no test may be skipped");
+    }
+    use std::io::Write as _;
+    let bar = "!".repeat(78);
+    // `eprintln!` would be captured (and hidden) by the harness; a direct write is not.
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "\n{bar}\n!!! SKIPPED {test}: {missing}.\n!!! This test did NOT run. \
+         Set {NO_SKIP_VAR}=1 to make this a failure (.ci/test does).\n{bar}\n"
+    );
+}
+
 /// A free TCP port on loopback (bound, then released for the broker to take).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
