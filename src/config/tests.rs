@@ -158,3 +158,96 @@ fn a_bad_value_from_the_environment_is_blamed_on_the_variable() {
         "{err}"
     );
 }
+
+/// An unknown key at the top level, in every section, in `[mqtt.topics]`, and an unknown
+/// section: (file text, the variable setting the same key, the key, the table it is in).
+const UNKNOWN_KEYS: &[(&str, &str, &str, Option<&str>)] = &[
+    ("bogus_key = 1\n", "NNGW_BOGUS_KEY", "bogus_key", None),
+    // A single underscore where `__` was meant is an unknown top-level key, not a silent no-op.
+    ("mqtt_port = 1\n", "NNGW_MQTT_PORT", "mqtt_port", None),
+    ("[bogus]\nkey = 1\n", "NNGW_BOGUS__KEY", "bogus", None),
+    (
+        "[gateway]\nbogus_key = 1\n",
+        "NNGW_GATEWAY__BOGUS_KEY",
+        "bogus_key",
+        Some("gateway"),
+    ),
+    (
+        "[storage]\nbogus_key = 1\n",
+        "NNGW_STORAGE__BOGUS_KEY",
+        "bogus_key",
+        Some("storage"),
+    ),
+    (
+        "[mqtt]\nbogus_key = 1\n",
+        "NNGW_MQTT__BOGUS_KEY",
+        "bogus_key",
+        Some("mqtt"),
+    ),
+    (
+        "[mqtt.topics]\nbogus_key = 1\n",
+        "NNGW_MQTT__TOPICS__BOGUS_KEY",
+        "bogus_key",
+        Some("mqtt.topics"),
+    ),
+    (
+        "[coap]\nbogus_key = 1\n",
+        "NNGW_COAP__BOGUS_KEY",
+        "bogus_key",
+        Some("coap"),
+    ),
+    (
+        "[golioth]\nbogus_key = 1\n",
+        "NNGW_GOLIOTH__BOGUS_KEY",
+        "bogus_key",
+        Some("golioth"),
+    ),
+    (
+        "[netneural]\nbogus_key = 1\n",
+        "NNGW_NETNEURAL__BOGUS_KEY",
+        "bogus_key",
+        Some("netneural"),
+    ),
+    (
+        "[log]\nbogus_key = 1\n",
+        "NNGW_LOG__BOGUS_KEY",
+        "bogus_key",
+        Some("log"),
+    ),
+];
+
+/// Asserts that `err` names `key` and, for a key inside a table, that table.
+fn names_key(err: &ConfigError, key: &str, table: Option<&str>) {
+    let msg = err.to_string();
+    assert!(msg.contains(&format!("`{key}`")), "{msg} should name {key}");
+    if let Some(table) = table {
+        assert!(
+            msg.contains(&format!("for key `{table}`")),
+            "{msg} should name [{table}]"
+        );
+    }
+}
+
+#[test]
+fn an_unknown_key_anywhere_in_the_file_is_an_error_naming_the_file_and_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for (text, _, key, table) in UNKNOWN_KEYS {
+        let file = write(&dir, "unknown.toml", text);
+        let err = Config::load_with(&Source::File(file.clone()), &[], None)
+            .expect_err(&format!("{text:?} was accepted"));
+        assert!(
+            err.to_string().contains(&file.display().to_string()),
+            "{err} should name the file"
+        );
+        names_key(&err, key, *table);
+    }
+}
+
+#[test]
+fn an_unknown_key_anywhere_from_the_environment_is_an_error_naming_the_key() {
+    for (_, var, key, table) in UNKNOWN_KEYS {
+        let err = Config::load_with(&Source::Embedded, &env(&[(var, "1")]), None)
+            .expect_err(&format!("{var}=1 was accepted"));
+        names_key(&err, key, *table);
+    }
+}

@@ -4,7 +4,7 @@
 //! operator CLI opens its own `Db` on the same file (WAL lets both work at once).
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde_json::Value;
@@ -58,8 +58,9 @@ impl Db {
         }
         let conn = Connection::open(path).map_err(|e| StoreError::open(path, e))?;
         // Another process may hold the write lock (migrating, or committing a batch).
-        conn.busy_timeout(Duration::from_secs(5))
+        conn.busy_timeout(BUSY_TIMEOUT)
             .map_err(|e| StoreError::open(path, e))?;
+        let deadline = Instant::now() + BUSY_TIMEOUT;
         // Check the version before any statement that writes (even journal_mode does).
         let found = user_version(&conn).map_err(|e| StoreError::open(path, e))?;
         if found > SCHEMA_VERSION {
@@ -69,7 +70,13 @@ impl Db {
                 known: SCHEMA_VERSION,
             });
         }
-        conn.pragma_update(None, "journal_mode", "WAL")
+        // On a file still in rollback mode this upgrades the statement's read lock to an
+        // exclusive one. SQLite does not run the busy handler for such an upgrade (waiting
+        // could deadlock with another reader doing the same), so when another connection opens
+        // the same fresh file at once this fails with "database is locked" at the first try.
+        // Try again until the busy timeout is spent: once one of them has switched the file
+        // to WAL, the others find it switched.
+        retry_locked(deadline, || conn.pragma_update(None, "journal_mode", "WAL"))
             .map_err(|e| StoreError::open(path, e))?;
         let sync = match opts.synchronous {
             Synchronous::Full => "FULL",
@@ -117,7 +124,7 @@ impl Db {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(|e| StoreError::open(path, e))?;
-        conn.busy_timeout(Duration::from_secs(5))
+        conn.busy_timeout(BUSY_TIMEOUT)
             .map_err(|e| StoreError::open(path, e))?;
         let found = user_version(&conn).map_err(|e| StoreError::open(path, e))?;
         if found != SCHEMA_VERSION {
@@ -581,6 +588,32 @@ impl Db {
         self.conn
             .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;
         Ok(())
+    }
+}
+
+/// How long opening waits for another connection's lock, in SQLite's busy handler or in
+/// [`retry_locked`].
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs `step` until it does not fail with "busy" or "locked", or `deadline` passes: for
+/// statements that SQLite fails at once instead of running the busy handler.
+fn retry_locked<T>(
+    deadline: Instant,
+    mut step: impl FnMut() -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    loop {
+        match step() {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if matches!(
+                    e.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) && Instant::now() < deadline =>
+            {
+                // Jittered, so two openers do not retry in lockstep.
+                std::thread::sleep(Duration::from_millis(1 + fastrand::u64(..5)));
+            }
+            other => return other,
+        }
     }
 }
 

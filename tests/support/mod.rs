@@ -15,6 +15,28 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// Set to `1` (as `.ci/test` does) to make a test whose prerequisite is missing fail instead
+/// of skipping: CI must run every test.
+pub const NO_SKIP_VAR: &str = "NNGW_TEST_NO_SKIP";
+
+/// For a test that cannot run here because `missing` (root, a tool) is not available: says so
+/// on stderr, past the test harness's output capture so it shows even when the test passes,
+/// and returns so the test can end; or, with [`NO_SKIP_VAR`]`=1`, fails the test.
+#[track_caller]
+pub fn skip(test: &str, missing: &str) {
+    if std::env::var(NO_SKIP_VAR).is_ok_and(|v| v == "1") {
+        panic!("{test} cannot run: {missing}; {NO_SKIP_VAR}=1 says no test may be skipped");
+    }
+    use std::io::Write as _;
+    let bar = "!".repeat(78);
+    // `eprintln!` would be captured (and hidden) by the harness; a direct write is not.
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "\n{bar}\n!!! SKIPPED {test}: {missing}.\n!!! This test did NOT run. \
+         Set {NO_SKIP_VAR}=1 to make this a failure (.ci/test does).\n{bar}\n"
+    );
+}
+
 /// A free TCP port on loopback (bound, then released for the broker to take).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -149,11 +171,22 @@ pub struct Gateway {
     task: JoinHandle<Result<(), daemon::DaemonError>>,
 }
 
+/// How long a gateway may take from start to its first heartbeat.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
 impl Gateway {
+    /// Starts the daemon and returns once it runs with its store open (see
+    /// [`Gateway::start_with`]).
     pub async fn start(cfg: Config) -> Gateway {
         Gateway::start_with(cfg, Notifier::disabled()).await
     }
 
+    /// Starts the daemon with `notifier` and returns once its store is open and its main loop
+    /// runs: once the database holds a heartbeat of this run. The daemon writes it through the
+    /// store thread right after READY=1, so a test that then opens the database itself (as
+    /// `desired set` does) never races the daemon's first open of a fresh file. The heartbeat,
+    /// not READY=1, is what the rig watches because the caller may want the notifications
+    /// itself (tests/systemd.rs does). Panics with the daemon's error if it stops instead.
     pub async fn start_with(cfg: Config, notifier: Notifier) -> Gateway {
         let sockets = Sockets::bind(&cfg).await.unwrap();
         let coap_port = sockets
@@ -162,7 +195,23 @@ impl Gateway {
             .map_or(0, |s| s.local_addr().unwrap().port());
         let shutdown = CancellationToken::new();
         let db = cfg.storage.path.clone();
-        let task = tokio::spawn(daemon::run(cfg, sockets, shutdown.clone(), notifier));
+        let started = nn_gateway::model::UnixMillis::now().0;
+        let mut task = tokio::spawn(daemon::run(cfg, sockets, shutdown.clone(), notifier));
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !beat_since(&db, started) {
+            if task.is_finished() {
+                match (&mut task).await {
+                    Ok(Err(e)) => panic!("the gateway did not start: {e}"),
+                    Ok(Ok(())) => panic!("the gateway stopped before its first heartbeat"),
+                    Err(e) => panic!("the gateway's task failed: {e}"),
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no heartbeat from the gateway within {START_TIMEOUT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         Gateway {
             shutdown,
             coap_port,
@@ -180,6 +229,14 @@ impl Gateway {
             .unwrap()
             .unwrap();
     }
+}
+
+/// Whether the database holds a heartbeat written at or after `since` (unix ms) by a daemon
+/// that has not stopped.
+fn beat_since(db: &Path, since: i64) -> bool {
+    Db::open_readonly(db)
+        .and_then(|d| d.status())
+        .is_ok_and(|s| s.daemon.is_some_and(|b| b.at >= since && !b.stopped))
 }
 
 /// Polls `check` against a read-only connection to the database until it returns `Some`.
