@@ -218,7 +218,22 @@ impl Uplink for NetNeuralUplink {
                 idempotency_key: p.idempotency_key.clone(),
             })
             .collect();
-        self.client.insert_telemetry(&rows).await
+        self.client.insert_telemetry(&rows).await.map_err(|e| {
+            // A backend without the idempotency migration refuses every batch for its shape,
+            // not its content: wait for the migration instead of dead-lettering everything.
+            if matches!(e.code(), Some("PGRST204" | "42703" | "42P10")) {
+                CloudError::contended(
+                    Target::NetNeural,
+                    e.request.clone(),
+                    format!(
+                        "{e} — the backend lacks the idempotency_key migration \
+                         (contrib/supabase/migrations); telemetry waits until it is applied"
+                    ),
+                )
+            } else {
+                e
+            }
+        })
     }
 
     async fn touch(&self, seen: &[(String, UnixMillis)]) -> Result<(), CloudError> {
