@@ -4,7 +4,7 @@
 //!
 //! Real: the `nn-gateway` binary, Mosquitto, SQLite on a real (tmpfs) filesystem that returns
 //! ENOSPC. Needs root to mount the tmpfs; where mounting is refused it says SKIPPED loudly and
-//! passes, or fails with `NNGW_TEST_NO_SKIP=1` (as in CI, see `support::skip`).
+//! passes, or fails where `CI` is set (see `support::skip`).
 
 mod support;
 

@@ -15,17 +15,19 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// Set to `1` (as `.ci/test` does) to make a test whose prerequisite is missing fail instead
-/// of skipping: CI must run every test.
-pub const NO_SKIP_VAR: &str = "NNGW_TEST_NO_SKIP";
+/// Set (to anything but empty, `0` or `false`; CI services set `CI=true`, and so does
+/// `.ci/test`) to make a test whose prerequisite is missing fail instead of skipping: CI must
+/// run every test. Not an `NNGW_` name: the daemon, which the tests run with their environment,
+/// takes every `NNGW_` variable for a configuration key and refuses unknown ones.
+pub const NO_SKIP_VAR: &str = "CI";
 
 /// For a test that cannot run here because `missing` (root, a tool) is not available: says so
 /// on stderr, past the test harness's output capture so it shows even when the test passes,
-/// and returns so the test can end; or, with [`NO_SKIP_VAR`]`=1`, fails the test.
+/// and returns so the test can end; or, with [`NO_SKIP_VAR`] set, fails the test.
 #[track_caller]
 pub fn skip(test: &str, missing: &str) {
-    if std::env::var(NO_SKIP_VAR).is_ok_and(|v| v == "1") {
-        panic!("{test} cannot run: {missing}; {NO_SKIP_VAR}=1 says no test may be skipped");
+    if std::env::var(NO_SKIP_VAR).is_ok_and(|v| !matches!(v.as_str(), "" | "0" | "false")) {
+        panic!("{test} cannot run: {missing}; {NO_SKIP_VAR} is set, and CI skips no test");
     }
     use std::io::Write as _;
     let bar = "!".repeat(78);
@@ -33,7 +35,7 @@ pub fn skip(test: &str, missing: &str) {
     let _ = writeln!(
         std::io::stderr().lock(),
         "\n{bar}\n!!! SKIPPED {test}: {missing}.\n!!! This test did NOT run. \
-         Set {NO_SKIP_VAR}=1 to make this a failure (.ci/test does).\n{bar}\n"
+         Set {NO_SKIP_VAR}=true to make this a failure (.ci/test does).\n{bar}\n"
     );
 }
 
