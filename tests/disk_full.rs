@@ -9,7 +9,7 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nn_gateway::store::Db;
@@ -52,15 +52,6 @@ impl Drop for Tmpfs {
 }
 
 /// The gateway process, killed however the test ends.
-struct Gateway(Child);
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_loses_nothing_and_keeps_order_once_space_returns() {
     let dir = tempfile::tempdir().unwrap();
@@ -74,7 +65,7 @@ async fn a_full_disk_loses_nothing_and_keeps_order_once_space_returns() {
     let broker = Mosquitto::start();
     let db = dir.path().join("gateway.db");
     let log = tempfile::NamedTempFile::new().unwrap();
-    let mut gateway = Gateway(
+    let mut gateway = support::KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_nn-gateway"))
             .arg("run")
             .envs([

@@ -9,7 +9,7 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use nn_gateway::store::Db;
@@ -25,7 +25,7 @@ const KILLS: usize = 3;
 /// The gateway binary as a child process, killed (SIGKILL) on drop so that a failing test
 /// does not leave it running.
 struct GatewayProcess {
-    child: Child,
+    child: support::KillOnDrop,
 }
 
 impl GatewayProcess {
@@ -43,20 +43,14 @@ impl GatewayProcess {
             .stderr(log)
             .spawn()
             .unwrap();
-        GatewayProcess { child }
+        GatewayProcess {
+            child: support::KillOnDrop(child),
+        }
     }
 
     /// SIGKILL, and wait for the process to be gone.
     fn kill(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.kill();
     }
 }
 

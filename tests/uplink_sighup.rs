@@ -6,23 +6,13 @@
 mod fakes;
 mod support;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fakes::{FakeNetNeural, Match};
 use nn_gateway::health::LaneState;
 use nn_gateway::model::Target;
-use support::{Device, Mosquitto, Numbered, wait_for, wait_subscribed};
-
-/// The daemon binary, killed when the test ends however it ends.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use support::{Device, KillOnDrop, Mosquitto, Numbered, wait_for, wait_subscribed};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_rereads_a_fixed_key_file_and_the_paused_lane_resumes() {
@@ -35,7 +25,7 @@ async fn sighup_rereads_a_fixed_key_file_and_the_paused_lane_resumes() {
     std::fs::write(&key, "the-revoked-key\n").unwrap();
     let log = tempfile::NamedTempFile::new().unwrap();
     let port = broker.port.to_string();
-    let daemon = Daemon(
+    let daemon = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_nn-gateway"))
             .arg("run")
             .envs([

@@ -322,6 +322,24 @@ impl Drop for Device {
     }
 }
 
+/// A child process (the daemon binary) that is SIGKILLed and reaped when dropped, so a test
+/// that fails leaves nothing running.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl KillOnDrop {
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// CBOR encoding of a JSON value, as a device would send it.
 pub fn cbor(v: &serde_json::Value) -> Vec<u8> {
     let mut out = Vec::new();
