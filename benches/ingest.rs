@@ -12,6 +12,16 @@
 //! `INGEST_MESSAGES` QoS 1 messages from 10 devices, and stops the clock when the last one is
 //! committed (the gateway acknowledges only after commit). It then checks every device's points
 //! are all there, in order. The median over runs is printed.
+//!
+//! The clock is watched through one read-only connection asking `max(id)` of the telemetry
+//! table (an index seek; in a fresh table without deletes it equals the count). The poll used
+//! to open a connection and run `status()` every 2 ms: full counts of the table, plus one more
+//! per cloud cursor with clouds on, so the bench took CPU from the gateway in proportion to the
+//! rows stored, and more with clouds on than off.
+//!
+//! Wall-clock rates on a shared 2-core machine swing with whatever else runs, so each run also
+//! reports the CPU time the store thread (the one thread every write passes through) spent per
+//! message: far less sensitive to load, and the figure to compare when changing the write path.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -20,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use nn_gateway::config::Synchronous;
 use nn_gateway::store::Db;
-use support::{Numbered, Site, assert_each_once_in_order, stored_points};
+use support::{Numbered, Site, assert_each_once_in_order};
 
 const DEVICES: u64 = 10;
 
@@ -31,7 +41,32 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-async fn one_run(messages: u64, sync: Synchronous, clouds: bool) -> f64 {
+/// Telemetry points stored so far (see the module doc for why `max(id)`).
+fn stored(conn: &rusqlite::Connection) -> u64 {
+    conn.query_row("SELECT coalesce(max(id), 0) FROM telemetry", [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .map_or(0, |n| n as u64)
+}
+
+/// CPU time (user + system) of this process's thread named `store`, in clock ticks.
+fn store_thread_ticks() -> Option<u64> {
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let dir = task.ok()?.path();
+        if std::fs::read_to_string(dir.join("comm")).ok()?.trim() != "store" {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+        // Fields after the parenthesised name; utime and stime are fields 14 and 15.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let fields: Vec<&str> = rest.split(' ').collect();
+        return Some(fields[11].parse::<u64>().ok()? + fields[12].parse::<u64>().ok()?);
+    }
+    None
+}
+
+/// One run: messages per second, and the store thread's CPU microseconds per message.
+async fn one_run(messages: u64, sync: Synchronous, clouds: bool) -> (f64, f64) {
     let site = Site::start_with("gw-bench", |cfg, dir| {
         cfg.storage.synchronous = sync;
         if clouds {
@@ -58,25 +93,35 @@ async fn one_run(messages: u64, sync: Synchronous, clouds: bool) -> f64 {
         total: messages,
         extra: r#","temp":21.5,"humidity":40.2,"battery":3.61"#,
     };
+    let watch = rusqlite::Connection::open_with_flags(
+        &site.gw.db,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let ticks_before = store_thread_ticks().expect("store thread CPU time");
     let started = Instant::now();
     let devices = stream.publish(site.broker.port, "bench-devices");
     // Polled fast: the clock stops at the last commit.
     let deadline = Instant::now() + Duration::from_secs(300);
-    while stored_points(&site.gw.db) < messages {
+    while stored(&watch) < messages {
         assert!(
             Instant::now() < deadline,
             "stuck at {} stored",
-            stored_points(&site.gw.db)
+            stored(&watch)
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let elapsed = started.elapsed();
+    let ticks = store_thread_ticks().expect("store thread CPU time") - ticks_before;
+    drop(watch);
     devices.await.unwrap();
     let conn = Db::open_readonly(&site.gw.db).unwrap();
 
     assert_each_once_in_order(&conn, "bench-", DEVICES, messages);
     site.gw.stop().await;
-    messages as f64 / elapsed.as_secs_f64()
+    // Linux counts thread CPU time in USER_HZ ticks, 100 per second.
+    let store_us = ticks as f64 * 10_000.0 / messages as f64;
+    (messages as f64 / elapsed.as_secs_f64(), store_us)
 }
 
 fn median(rates: &mut [f64]) -> (f64, f64, f64) {
@@ -96,27 +141,33 @@ fn main() {
         .build()
         .unwrap();
     let (mut off, mut on) = (Vec::new(), Vec::new());
+    let (mut off_cpu, mut on_cpu) = (Vec::new(), Vec::new());
     for run in 0..runs {
         for clouds in [false, true] {
-            let rate = rt.block_on(one_run(messages, sync, clouds));
+            let (rate, store_us) = rt.block_on(one_run(messages, sync, clouds));
             let label = if clouds { "clouds on " } else { "clouds off" };
             println!(
-                "run {} {label}: {messages} messages, {rate:.0} msg/s",
+                "run {} {label}: {messages} messages, {rate:.0} msg/s, store thread {store_us:.2} us/msg",
                 run + 1
             );
             if clouds {
-                on.push(rate)
+                on.push(rate);
+                on_cpu.push(store_us);
             } else {
-                off.push(rate)
+                off.push(rate);
+                off_cpu.push(store_us);
             }
         }
     }
     let (off_median, off_min, off_max) = median(&mut off);
     let (on_median, on_min, on_max) = median(&mut on);
+    let (off_cpu, ..) = median(&mut off_cpu);
+    let (on_cpu, ..) = median(&mut on_cpu);
     println!(
         "ingest (JSON telemetry, MQTT QoS 1 -> SQLite, synchronous={sync:?}, {runs} runs each): \
          clouds off median {off_median:.0} msg/s ({off_min:.0}-{off_max:.0}), \
-         clouds on median {on_median:.0} msg/s ({on_min:.0}-{on_max:.0}), on/off {:.2}",
+         clouds on median {on_median:.0} msg/s ({on_min:.0}-{on_max:.0}), on/off {:.2}; \
+         store thread CPU median {off_cpu:.2} us/msg off, {on_cpu:.2} on",
         on_median / off_median
     );
 }

@@ -107,10 +107,15 @@ pub fn parse_ts(ts: &Value) -> Result<UnixMillis, String> {
 
 /// Applies a JSON Merge Patch (RFC 7386) to `target`.
 pub fn merge_patch(target: &mut Value, patch: &Value) {
-    let Value::Object(patch) = patch else {
-        *target = patch.clone();
-        return;
-    };
+    match patch {
+        Value::Object(patch) => merge_object_patch(target, patch),
+        other => *target = other.clone(),
+    }
+}
+
+/// [`merge_patch`] with a patch that is an object (every state message), taken as the map
+/// itself so the caller need not copy it into a [`Value`] first.
+pub fn merge_object_patch(target: &mut Value, patch: &Map<String, Value>) {
     if !target.is_object() {
         *target = Value::Object(Map::new());
     }

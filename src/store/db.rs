@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::StoreError;
 use super::views::{DaemonBeat, DesiredDoc, DeviceView, OutboxCount, RejectedView, Status};
-use super::write::{Outcome, WriteOp, Writer, is_poison, trim_rejected, upsert_device};
+use super::write::{Group, Outcome, WriteOp, Writer, is_poison, trim_rejected, upsert_device};
 use crate::config::Synchronous;
 use crate::model::{DeviceKey, Origin, Reading, Rejection, Target, UnixMillis};
 
@@ -288,10 +288,15 @@ impl Db {
             install_id: &self.install_id,
             mqtt_seq: &mut self.mqtt_seq,
         };
-        let outcomes = ops
-            .iter()
-            .map(|op| ctx.apply(&tx, op))
-            .collect::<Result<Vec<_>, _>>()?;
+        let outcomes = {
+            let mut group = Group::new(&tx);
+            let outcomes = ops
+                .iter()
+                .map(|op| ctx.apply(&mut group, op))
+                .collect::<Result<Vec<_>, _>>()?;
+            group.finish()?;
+            outcomes
+        };
         trim_rejected(&tx, ops, self.rejected_keep)?;
         tx.commit()?;
         Ok(outcomes)

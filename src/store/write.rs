@@ -5,11 +5,13 @@
 //!
 //! Blocking; called by [`super::Db::apply_batch`] inside its transaction.
 
-use rusqlite::{OptionalExtension, Transaction, params};
+use std::collections::HashMap;
+
+use rusqlite::{CachedStatement, OptionalExtension, Transaction, params};
 use serde_json::Value;
 
 use super::db::parse_doc;
-use crate::ingest::merge_patch;
+use crate::ingest::merge_object_patch;
 use crate::model::{
     DeviceKey, Inbound, MqttDelivery, Origin, REJECTED_EXCERPT_LEN, Reading, Rejection, Target,
 };
@@ -105,34 +107,129 @@ pub(super) fn is_poison(e: &rusqlite::Error) -> bool {
     }
 }
 
-/// Everything a write needs besides the transaction.
+/// Everything a write needs besides its [`Group`].
 pub(super) struct Writer<'a> {
     pub(super) targets: &'a [Target],
     pub(super) install_id: &'a str,
     pub(super) mqtt_seq: &'a mut i64,
 }
 
-impl Writer<'_> {
-    pub(super) fn apply(
+/// What one group commit holds for the length of its transaction, so that the work per message
+/// is its own rows and nothing else: each device is looked up once per group and its
+/// `last_seen` written once, at the end ([`Group::finish`]); the statements every message runs
+/// are prepared once and held, not looked up in the statement cache per row; telemetry payloads
+/// are serialised into one reused buffer.
+///
+/// It lives and dies with one transaction: when the transaction rolls back, what it learned
+/// (device ids) goes with it, so there is no cache to invalidate.
+pub(super) struct Group<'tx, 'op> {
+    tx: &'tx Transaction<'tx>,
+    /// Devices written in this group, by key.
+    devices: HashMap<&'op str, Seen>,
+    mqtt_record: Option<CachedStatement<'tx>>,
+    telemetry: Option<CachedStatement<'tx>>,
+    state_read: Option<CachedStatement<'tx>>,
+    state_write: Option<CachedStatement<'tx>>,
+    state_outbox: Option<CachedStatement<'tx>>,
+    payload: Vec<u8>,
+}
+
+/// A device written in this group.
+struct Seen {
+    id: i64,
+    /// The newest reception time of its messages in this group.
+    last_seen: i64,
+}
+
+/// The statement in `slot`, prepared (through the connection's cache) on first use.
+fn held<'s, 'tx>(
+    slot: &'s mut Option<CachedStatement<'tx>>,
+    tx: &'tx Transaction<'tx>,
+    sql: &str,
+) -> rusqlite::Result<&'s mut CachedStatement<'tx>> {
+    match slot {
+        Some(stmt) => Ok(stmt),
+        None => Ok(slot.insert(tx.prepare_cached(sql)?)),
+    }
+}
+
+impl<'tx, 'op> Group<'tx, 'op> {
+    pub(super) fn new(tx: &'tx Transaction<'tx>) -> Self {
+        Group {
+            tx,
+            devices: HashMap::new(),
+            mqtt_record: None,
+            telemetry: None,
+            state_read: None,
+            state_write: None,
+            state_outbox: None,
+            payload: Vec::new(),
+        }
+    }
+
+    /// The device's id, creating the device on its first message. Returns (id, created).
+    fn device(
         &mut self,
-        tx: &Transaction<'_>,
-        op: &WriteOp,
+        key: &'op DeviceKey,
+        origin: Origin,
+        now: i64,
+    ) -> rusqlite::Result<(i64, bool)> {
+        if let Some(seen) = self.devices.get_mut(key.as_str()) {
+            seen.last_seen = seen.last_seen.max(now);
+            return Ok((seen.id, false));
+        }
+        // `seen = false`: last_seen (and the undelete) is written once, by `finish`.
+        let (id, created) = upsert_device(self.tx, key, origin, now, false)?;
+        self.devices
+            .insert(key.as_str(), Seen { id, last_seen: now });
+        Ok((id, created))
+    }
+
+    /// Writes what the group learned about its devices: each one's `last_seen` (the newest of
+    /// its messages here) and its return if it had been deleted. Runs once, before the commit.
+    pub(super) fn finish(self) -> rusqlite::Result<()> {
+        if self.devices.is_empty() {
+            return Ok(());
+        }
+        let mut stmt = self
+            .tx
+            .prepare_cached("UPDATE device SET last_seen = ?2, deleted_at = NULL WHERE id = ?1")?;
+        for seen in self.devices.values() {
+            stmt.execute(params![seen.id, seen.last_seen])?;
+        }
+        Ok(())
+    }
+}
+
+impl Writer<'_> {
+    pub(super) fn apply<'op>(
+        &mut self,
+        group: &mut Group<'_, 'op>,
+        op: &'op WriteOp,
     ) -> rusqlite::Result<Outcome> {
         let delivery = match op {
             WriteOp::Ingest(msg) => msg.mqtt.as_ref(),
             WriteOp::Reject(rej) => rej.mqtt.as_ref(),
         };
         if let Some(d) = delivery
-            && self.is_redelivery(tx, d)?
+            && self.is_redelivery(group, d)?
         {
             return Ok(Outcome::Duplicate);
         }
-        apply_one(tx, op, self.targets, self.install_id)
+        match op {
+            WriteOp::Ingest(msg) => ingest(group, msg, self.targets, self.install_id),
+            WriteOp::Reject(rej) => reject(group.tx, rej),
+        }
     }
 
     /// True when this delivery is the broker resending a message already stored. Records the
     /// delivery otherwise.
-    fn is_redelivery(&mut self, tx: &Transaction<'_>, d: &MqttDelivery) -> rusqlite::Result<bool> {
+    fn is_redelivery(
+        &mut self,
+        group: &mut Group<'_, '_>,
+        d: &MqttDelivery,
+    ) -> rusqlite::Result<bool> {
+        let tx = group.tx;
         // The digest is stored as the i64 with the same bits.
         let digest = d.digest as i64;
         let seen = d.dup
@@ -153,7 +250,9 @@ impl Writer<'_> {
             .execute([])?;
         } else {
             *self.mqtt_seq += 1;
-            tx.prepare_cached(
+            held(
+                &mut group.mqtt_record,
+                tx,
                 "INSERT INTO mqtt_inbound(pkid, digest, seq) VALUES (?1, ?2, ?3)
                  ON CONFLICT(pkid) DO UPDATE SET digest = excluded.digest, seq = excluded.seq",
             )?
@@ -163,59 +262,55 @@ impl Writer<'_> {
     }
 }
 
-fn apply_one(
-    tx: &Transaction<'_>,
-    op: &WriteOp,
-    targets: &[Target],
-    install_id: &str,
-) -> rusqlite::Result<Outcome> {
-    match op {
-        WriteOp::Ingest(msg) => ingest(tx, msg, targets, install_id),
-        WriteOp::Reject(rej) => {
-            let excerpt = &rej.excerpt[..rej.excerpt.len().min(REJECTED_EXCERPT_LEN)];
-            tx.prepare_cached(
-                "INSERT INTO rejected(received_at, origin, device, locator, reason, size, excerpt)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?
-            .execute(params![
-                rej.received_at.0,
-                rej.origin.as_str(),
-                rej.device,
-                rej.locator,
-                rej.reason,
-                rej.size as i64,
-                excerpt
-            ])?;
-            tx.prepare_cached(
-                "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'rejected_total'",
-            )?
-            .execute([])?;
-            Ok(Outcome::Rejected)
-        }
-    }
+fn reject(tx: &Transaction<'_>, rej: &Rejection) -> rusqlite::Result<Outcome> {
+    let excerpt = &rej.excerpt[..rej.excerpt.len().min(REJECTED_EXCERPT_LEN)];
+    tx.prepare_cached(
+        "INSERT INTO rejected(received_at, origin, device, locator, reason, size, excerpt)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        rej.received_at.0,
+        rej.origin.as_str(),
+        rej.device,
+        rej.locator,
+        rej.reason,
+        rej.size as i64,
+        excerpt
+    ])?;
+    tx.prepare_cached(
+        "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'rejected_total'",
+    )?
+    .execute([])?;
+    Ok(Outcome::Rejected)
 }
 
-fn ingest(
-    tx: &Transaction<'_>,
-    msg: &Inbound,
+fn ingest<'op>(
+    group: &mut Group<'_, 'op>,
+    msg: &'op Inbound,
     targets: &[Target],
     install_id: &str,
 ) -> rusqlite::Result<Outcome> {
     let now = msg.received_at.0;
-    let (device_id, new_device) = upsert_device(tx, &msg.device, msg.origin, now, true)?;
+    let (device_id, new_device) = group.device(&msg.device, msg.origin, now)?;
+    let tx = group.tx;
     match &msg.reading {
         Reading::State(patch) => {
-            let current: Option<(String, i64)> = tx
-                .prepare_cached("SELECT doc, version FROM reported_state WHERE device_id = ?1")?
-                .query_row([device_id], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?;
+            let current: Option<(String, i64)> = held(
+                &mut group.state_read,
+                tx,
+                "SELECT doc, version FROM reported_state WHERE device_id = ?1",
+            )?
+            .query_row([device_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
             let (mut doc, version) = match current {
                 Some((text, v)) => (parse_doc(&text), v + 1),
                 None => (Value::Object(Default::default()), 1),
             };
-            merge_patch(&mut doc, &Value::Object(patch.clone()));
+            merge_object_patch(&mut doc, patch);
             let text = doc.to_string();
-            tx.prepare_cached(
+            held(
+                &mut group.state_write,
+                tx,
                 "INSERT INTO reported_state(device_id, doc, version, updated_at) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT(device_id) DO UPDATE SET doc = excluded.doc, version = excluded.version,
                      updated_at = excluded.updated_at",
@@ -223,7 +318,9 @@ fn ingest(
             .execute(params![device_id, text, version, now])?;
             for target in targets {
                 // Coalesce: a pending row for this device and cloud takes the newest document.
-                tx.prepare_cached(
+                held(
+                    &mut group.state_outbox,
+                    tx,
                     "INSERT INTO outbox(target, operation, device_id, payload, idempotency_key,
                                         next_attempt_at, created_at, updated_at)
                      VALUES (?1, 'reported_state', ?2, ?3, ?4, ?5, ?5, ?5)
@@ -241,16 +338,24 @@ fn ingest(
             }
         }
         Reading::Telemetry(points) => {
+            let stmt = held(
+                &mut group.telemetry,
+                tx,
+                "INSERT INTO telemetry(device_id, device_ts, received_at, payload, content_type)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
             for point in points {
-                tx.prepare_cached(
-                    "INSERT INTO telemetry(device_id, device_ts, received_at, payload, content_type)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )?
-                .execute(params![
+                group.payload.clear();
+                serde_json::to_writer(&mut group.payload, &point.data)
+                    .map_err(|e| rusqlite::Error::ToSqlConversionFailure(e.into()))?;
+                // serde_json writes UTF-8 only; checked rather than assumed.
+                let payload = std::str::from_utf8(&group.payload)
+                    .map_err(|e| rusqlite::Error::ToSqlConversionFailure(e.into()))?;
+                stmt.execute(params![
                     device_id,
                     point.device_ts.map(|t| t.0),
                     now,
-                    Value::Object(point.data.clone()).to_string(),
+                    payload,
                     msg.format.content_type()
                 ])?;
             }
@@ -298,18 +403,118 @@ mod tests {
         })
     }
 
+    fn point(device: &str, n: i64, at: i64) -> WriteOp {
+        let WriteOp::Ingest(mut msg) = telemetry(n, 0, false) else {
+            unreachable!()
+        };
+        msg.device = DeviceKey::parse(device).unwrap();
+        msg.received_at = UnixMillis(at);
+        msg.mqtt = None;
+        WriteOp::Ingest(msg)
+    }
+
+    fn seen(db: &Db, device: &str) -> (Option<i64>, Option<i64>) {
+        db.conn()
+            .query_row(
+                "SELECT last_seen, deleted_at FROM device WHERE key = ?1",
+                [device],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap()
+    }
+
+    fn open(dir: &tempfile::TempDir) -> Db {
+        let opts = OpenOptions {
+            synchronous: Synchronous::Normal,
+            targets: vec![],
+            rejected_keep: 3,
+        };
+        Db::open(&dir.path().join("g.db"), &opts).unwrap()
+    }
+
+    #[test]
+    fn a_group_looks_each_device_up_once_and_leaves_it_seen_at_its_newest_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = open(&dir);
+        db.apply_batch(&[point("old", 0, 50)]);
+        db.conn()
+            .execute("UPDATE device SET deleted_at = 60 WHERE key = 'old'", [])
+            .unwrap();
+        let outcomes: Vec<Outcome> = db
+            .apply_batch(&[
+                point("new", 1, 100),
+                point("old", 2, 120),
+                point("new", 3, 300),
+                point("new", 4, 200),
+            ])
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                Outcome::Stored { new_device: true },
+                Outcome::Stored { new_device: false },
+                Outcome::Stored { new_device: false },
+                Outcome::Stored { new_device: false },
+            ]
+        );
+        assert_eq!(seen(&db, "new"), (Some(300), None));
+        assert_eq!(seen(&db, "old"), (Some(120), None), "a message undeletes");
+        let ns = |key| -> Vec<i64> {
+            db.telemetry_payloads(&DeviceKey::parse(key).unwrap())
+                .unwrap()
+                .iter()
+                .map(|p| p["n"].as_i64().unwrap())
+                .collect()
+        };
+        assert_eq!(ns("new"), [1, 3, 4], "in order");
+        assert_eq!(ns("old"), [0, 2]);
+    }
+
+    #[test]
+    fn a_group_that_rolls_back_forgets_the_devices_it_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = open(&dir);
+        // Fails the group at its third write; alone, that write becomes a rejection.
+        db.conn()
+            .execute_batch(
+                "CREATE TRIGGER poison BEFORE INSERT ON telemetry WHEN NEW.payload = '{\"n\":13}'
+                 BEGIN SELECT RAISE(ABORT, 'poisoned'); END;",
+            )
+            .unwrap();
+        let outcomes: Vec<Outcome> = db
+            .apply_batch(&[
+                point("a", 1, 100),
+                point("b", 2, 110),
+                point("a", 13, 120),
+                point("a", 4, 130),
+            ])
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                Outcome::Stored { new_device: true },
+                Outcome::Stored { new_device: true },
+                Outcome::Rejected,
+                Outcome::Stored { new_device: false },
+            ],
+            "the writes retried one by one create their devices again"
+        );
+        assert_eq!(seen(&db, "a"), (Some(130), None));
+        assert_eq!(seen(&db, "b"), (Some(110), None));
+        assert_eq!(db.status().unwrap().telemetry_points, 3);
+    }
+
     /// The field report: 13,516 stored messages resent at once after a stop, none recognised.
     #[test]
     fn a_resent_burst_of_fifteen_thousand_stored_messages_is_recognised_whole() {
         const STORED: i64 = 20_000;
         const IN_FLIGHT: i64 = 15_000;
         let dir = tempfile::tempdir().unwrap();
-        let opts = OpenOptions {
-            synchronous: Synchronous::Normal,
-            targets: vec![],
-            rejected_keep: 3,
-        };
-        let mut db = Db::open(&dir.path().join("g.db"), &opts).unwrap();
+        let mut db = open(&dir);
         let first: Vec<WriteOp> = (1..=STORED)
             .map(|n| telemetry(n, n as u16, false))
             .collect();
