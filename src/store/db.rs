@@ -10,6 +10,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde_json::Value;
 
 use super::StoreError;
+use super::doc::parse_doc;
 use super::views::{DaemonBeat, DesiredDoc, DeviceView, OutboxCount, RejectedView, Status};
 use super::write::{Outcome, WriteOp, Writer, is_poison, trim_rejected, upsert_device};
 use crate::config::Synchronous;
@@ -619,10 +620,6 @@ fn retry_locked<T>(
 
 fn user_version(conn: &Connection) -> rusqlite::Result<i64> {
     conn.query_row("PRAGMA user_version", [], |r| r.get(0))
-}
-
-pub(super) fn parse_doc(text: &str) -> Value {
-    serde_json::from_str(text).unwrap_or(Value::String(text.to_owned()))
 }
 
 fn desired_doc(key: &str, doc: &str, version: i64, seq: i64) -> Result<DesiredDoc, StoreError> {

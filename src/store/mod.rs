@@ -11,6 +11,7 @@
 //! covers a whole batch.
 
 pub mod db;
+mod doc;
 pub mod outbox;
 pub mod retention;
 #[cfg(test)]

@@ -8,7 +8,7 @@
 use rusqlite::{OptionalExtension, Transaction, params};
 use serde_json::Value;
 
-use super::db::parse_doc;
+use super::doc::parse_doc;
 use crate::ingest::merge_patch;
 use crate::model::{
     DeviceKey, Inbound, MqttDelivery, Origin, REJECTED_EXCERPT_LEN, Reading, Rejection, Target,
