@@ -138,10 +138,17 @@ pub struct MqttConfig {
     pub reconnect_min: Duration,
     #[serde(with = "humantime_serde")]
     pub reconnect_max: Duration,
-    /// Larger messages are acknowledged, refused and recorded as rejected.
+    /// Larger messages are acknowledged, refused and recorded as rejected. At most
+    /// [`MAX_WIRE_PACKET`].
     pub max_message_size: usize,
     pub topics: TopicsConfig,
 }
+
+/// Largest packet the MQTT client will read. A larger one would make rumqttc drop the
+/// connection and the broker resend it forever, so this is far above `mqtt.max_message_size`:
+/// such messages are read, acknowledged and rejected by the router instead. Set the broker's
+/// `message_size_limit` below it.
+pub const MAX_WIRE_PACKET: usize = 16 * 1024 * 1024;
 
 impl Default for MqttConfig {
     fn default() -> Self {
@@ -388,12 +395,12 @@ impl Config {
                 "must be between 1s and 65535s (MQTT counts it in whole seconds; 0 would never notice a dead connection)",
             ));
         }
-        if self.mqtt.max_message_size > crate::mqtt::MAX_WIRE_PACKET {
+        if self.mqtt.max_message_size > MAX_WIRE_PACKET {
             return Err(ConfigError::at(
                 origin,
                 "mqtt.max_message_size",
                 self.mqtt.max_message_size,
-                &format!("must be at most {} bytes", crate::mqtt::MAX_WIRE_PACKET),
+                &format!("must be at most {MAX_WIRE_PACKET} bytes"),
             ));
         }
         if self.storage.max_size_mib < 16 {

@@ -71,19 +71,13 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::backoff::Backoff;
-use crate::config::MqttConfig;
+use crate::config::{MAX_WIRE_PACKET, MqttConfig};
 use crate::health::{Health, LinkState};
 use crate::model::UnixMillis;
 use crate::store::{DesiredDoc, Outcome, PendingWrite, Store, StoreError, WriteOp};
 pub use desired::Published;
 use router::Router;
 use topics::Template;
-
-/// Largest packet rumqttc will read. A larger one would make rumqttc drop the connection and
-/// the broker resend it forever, so this is far above `mqtt.max_message_size`: such messages
-/// are read, acknowledged and rejected by the router instead. Set the broker's
-/// `message_size_limit` below it.
-pub const MAX_WIRE_PACKET: usize = 16 * 1024 * 1024;
 
 /// Messages read but not yet acknowledged before the driver stops reading. Two store batches:
 /// one committing while the next fills, so group commit stays full without letting the
