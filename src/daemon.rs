@@ -58,8 +58,6 @@ pub enum DaemonError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("MQTT settings: {0}")]
-    Mqtt(String),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
@@ -203,7 +201,7 @@ impl Sockets {
 /// Runs the gateway until `shutdown` fires, then shuts down in order.
 ///
 /// # Errors
-/// When the store cannot be opened or the MQTT settings are unusable; once running, failures
+/// When the store cannot be opened or a cloud client cannot be built; once running, failures
 /// are retried and logged, not returned.
 pub async fn run(
     config: Config,
@@ -248,20 +246,17 @@ pub async fn run_reloadable(
     let (published_tx, published_rx) = mpsc::channel(PUBLISHED_QUEUE);
     let mqtt = if config.mqtt.enabled {
         health.set_mqtt(LinkState::Down);
-        Some(
-            crate::mqtt::spawn(
-                &config.mqtt,
-                crate::mqtt::Links {
-                    store: store.clone(),
-                    health: health.clone(),
-                    published: published_tx,
-                    shutdown: shutdown.clone(),
-                    drain: config.gateway.shutdown_timeout,
-                },
-                &tracker,
-            )
-            .map_err(DaemonError::Mqtt)?,
-        )
+        Some(crate::mqtt::spawn(
+            &config.mqtt,
+            crate::mqtt::Links {
+                store: store.clone(),
+                health: health.clone(),
+                published: published_tx,
+                shutdown: shutdown.clone(),
+                drain: config.gateway.shutdown_timeout,
+            },
+            &tracker,
+        ))
     } else {
         None
     };

@@ -13,14 +13,16 @@
 //! - [`backoff`]: exponential backoff with full jitter, used by every retry loop.
 //! - [`outbox::policy`]: what a failed send means for its row (retry at T, dead) and its lane
 //!   (offline, backing off, auth failed).
-//! - [`mqtt::topics`] and [`mqtt::router`]: topic templates and PUBLISH → store write.
+//! - [`config::topics`]: MQTT topic templates, parsed as the configuration is read.
+//! - [`mqtt::router`]: PUBLISH → store write.
 //! - [`coap::route`], [`coap::reply`], [`coap::message`]: CoAP request → plan → response bytes;
 //!   [`coap::exchange`] (retransmission cache) and [`coap::observe`] (observer registry).
 //!
 //! I/O:
 //! - [`cloud`]: what both cloud clients share — the typed [`cloud::CloudError`] (which cloud,
 //!   which request, what failed, retried or not), the HTTP client set-up, `Retry-After`.
-//! - [`config`]: the typed configuration, from TOML and `NNGW_` environment variables.
+//! - [`config`]: the typed configuration, from TOML and `NNGW_` environment variables, holding
+//!   parsed values (topic templates, addresses, URLs) so that what runs later cannot fail on them.
 //! - [`store`]: the SQLite mirror — migrations, all SQL, and the store thread with group commit.
 //! - [`mqtt`]: rumqttc client of the site broker — ingest acknowledged after commit, in
 //!   batches, desired publishes.

@@ -59,7 +59,6 @@
 
 pub mod desired;
 pub mod router;
-pub mod topics;
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -71,13 +70,13 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::backoff::Backoff;
+use crate::config::topics::Template;
 use crate::config::{MAX_WIRE_PACKET, MqttConfig};
 use crate::health::{Health, LinkState};
 use crate::model::UnixMillis;
 use crate::store::{DesiredDoc, Outcome, PendingWrite, Store, StoreError, WriteOp};
 pub use desired::Published;
 use router::Router;
-use topics::Template;
 
 /// Messages read but not yet acknowledged before the driver stops reading. Two store batches:
 /// one committing while the next fills, so group commit stays full without letting the
@@ -146,12 +145,9 @@ pub struct Links {
 /// Starts the MQTT driver on `tracker`. It stops when `links.shutdown` fires, after
 /// acknowledging (within `links.drain`) everything already handed to the store and waiting
 /// for the broker to close the connection, so that it has read those acknowledgements.
-///
-/// # Errors
-/// When a topic template is unusable (configuration validation refuses those first).
-pub fn spawn(cfg: &MqttConfig, links: Links, tracker: &TaskTracker) -> Result<MqttHandle, String> {
-    let router = Router::new(&cfg.topics, cfg.max_message_size)?;
-    let desired_topic = Template::parse(&cfg.topics.desired)?;
+pub fn spawn(cfg: &MqttConfig, links: Links, tracker: &TaskTracker) -> MqttHandle {
+    let router = Router::new(&cfg.topics, cfg.max_message_size);
+    let desired_topic = cfg.topics.desired.clone();
     let mut opts = MqttOptions::new(cfg.client_id.clone(), cfg.host.clone(), cfg.port);
     opts.set_keep_alive(cfg.keep_alive)
         .set_clean_session(false)
@@ -192,7 +188,7 @@ pub fn spawn(cfg: &MqttConfig, links: Links, tracker: &TaskTracker) -> Result<Mq
     };
     let span = tracing::info_span!("mqtt", broker = %format!("{}:{}", cfg.host, cfg.port));
     tracker.spawn(driver.run(links.shutdown, links.drain).instrument(span));
-    Ok(handle)
+    handle
 }
 
 /// A message handed to the store, waiting for its commit (and then its PUBACK, unless QoS 0).
