@@ -7,7 +7,8 @@
 //! # Layout
 //!
 //! Pure (no I/O, unit- and property-tested):
-//! - [`model`]: domain types — device keys, timestamps, readings, rejections.
+//! - [`model`]: domain types — device keys, timestamps, readings, rejections, and the words
+//!   rooms share: a store write and its outcome, a desired document.
 //! - [`codec`]: JSON and CBOR payloads to and from JSON values; the only CBOR user.
 //! - [`ingest`]: checks every transport shares — state patches, telemetry points, RFC 7386 merge.
 //! - [`backoff`]: exponential backoff with full jitter, used by every retry loop.

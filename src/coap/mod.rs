@@ -99,7 +99,8 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::CoapConfig;
-use crate::store::{DesiredDoc, Store};
+use crate::model::DesiredDoc;
+use crate::store::Store;
 
 pub use exchange::{EXCHANGE_LIFETIME, NON_LIFETIME};
 

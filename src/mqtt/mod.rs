@@ -73,8 +73,8 @@ use crate::backoff::Backoff;
 use crate::config::topics::Template;
 use crate::config::{MAX_WIRE_PACKET, MqttConfig};
 use crate::health::{Health, LinkState};
-use crate::model::UnixMillis;
-use crate::store::{DesiredDoc, Outcome, PendingWrite, Store, StoreError, WriteOp};
+use crate::model::{DesiredDoc, Outcome, UnixMillis, WriteOp};
+use crate::store::{PendingWrite, Store, StoreError};
 pub use desired::Published;
 use router::Router;
 

@@ -7,9 +7,9 @@ use crate::config::TopicsConfig;
 use crate::config::topics::Template;
 use crate::ingest::{self, Kind};
 use crate::model::{
-    DeviceKey, Inbound, MqttDelivery, Origin, REJECTED_EXCERPT_LEN, Rejection, UnixMillis, fnv1a,
+    DeviceKey, Inbound, MqttDelivery, Origin, REJECTED_EXCERPT_LEN, Rejection, UnixMillis, WriteOp,
+    fnv1a,
 };
-use crate::store::WriteOp;
 
 /// Routes messages of the subscribed topics.
 #[derive(Clone, Debug)]

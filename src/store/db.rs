@@ -11,10 +11,12 @@ use serde_json::Value;
 
 use super::StoreError;
 use super::doc::parse_doc;
-use super::views::{DaemonBeat, DesiredDoc, DeviceView, OutboxCount, RejectedView, Status};
-use super::write::{Outcome, WriteOp, Writer, is_poison, trim_rejected, upsert_device};
+use super::views::{DaemonBeat, DeviceView, OutboxCount, RejectedView, Status};
+use super::write::{Writer, is_poison, trim_rejected, upsert_device};
 use crate::config::Synchronous;
-use crate::model::{DeviceKey, Origin, Reading, Rejection, Target, UnixMillis};
+use crate::model::{
+    DesiredDoc, DeviceKey, Origin, Outcome, Reading, Rejection, Target, UnixMillis, WriteOp,
+};
 
 /// Migrations, in order; `PRAGMA user_version` counts how many are applied.
 const MIGRATIONS: &[&str] = &[

@@ -26,10 +26,12 @@ use std::thread;
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::model::{Outcome, WriteOp};
+
 pub use db::{Db, OpenOptions, SCHEMA_VERSION};
 pub use outbox::{DeviceIdent, OutboxRow, QueueRow, QueueView, Requeue, TelemetryItem};
-pub use views::{DaemonBeat, DesiredDoc, DeviceView, RejectedView, Status};
-pub use write::{DEDUP_SPAN, Outcome, WriteOp};
+pub use views::{DaemonBeat, DeviceView, RejectedView, Status};
+pub use write::DEDUP_SPAN;
 
 /// Most writes committed in one transaction. Large enough that one fsync (with
 /// `synchronous = full`) is spread over many messages, small enough that a batch commits in
