@@ -21,10 +21,13 @@
 //!
 //! I/O:
 //! - [`cloud`]: what both cloud clients share — the typed [`cloud::CloudError`] (which cloud,
-//!   which request, what failed, retried or not), the HTTP client set-up, `Retry-After`.
+//!   which request, what failed, retried or not), the HTTP client set-up, `Retry-After` — and
+//!   a room per cloud: [`cloud::golioth`] and [`cloud::netneural`] (each its client, wire
+//!   types and mapping), [`cloud::uplink`] (each cloud as an outbox lane sees it).
 //! - [`config`]: the typed configuration, from TOML and `NNGW_` environment variables, holding
 //!   parsed values (topic templates, addresses, URLs) so that what runs later cannot fail on them.
-//! - [`store`]: the SQLite mirror — migrations, all SQL, and the store thread with group commit.
+//! - [`store`]: the SQLite mirror — migrations, all SQL (one file per aggregate: ingest,
+//!   outbox, retention, views), and the store thread with group commit.
 //! - [`mqtt`]: rumqttc client of the site broker — ingest acknowledged after commit, in
 //!   batches, desired publishes.
 //! - [`coap`]: CoAP server on a UDP socket — ingest, desired resource with Observe.

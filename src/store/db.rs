@@ -1,4 +1,7 @@
-//! Every SQL statement of the mirror, as methods on [`Db`], a plain rusqlite connection.
+//! [`Db`], a plain rusqlite connection: opening and migrations, the group commit's transaction
+//! (its statements are in `write.rs`), desired state and the views. The outbox's and
+//! retention's SQL sit in their own files ([`super::outbox`], [`super::retention`]), also on
+//! `Db`.
 //!
 //! Blocking. Inside the daemon a `Db` lives on the store thread ([`super::Store`]); the
 //! operator CLI opens its own `Db` on the same file (WAL lets both work at once).
@@ -577,13 +580,6 @@ impl Db {
             policy,
             &self.targets,
         )?)
-    }
-
-    /// A cheap query proving the connection works (watchdog).
-    pub fn ping(&self) -> Result<(), StoreError> {
-        self.conn
-            .query_row("SELECT count(*) FROM meta", [], |_| Ok(()))?;
-        Ok(())
     }
 
     /// Folds the WAL back into the main file; used at clean shutdown.
