@@ -41,8 +41,8 @@ use crate::store::{DaemonBeat, OpenOptions, Store, StoreError};
 /// Status line and watchdog period when systemd asks for no watchdog.
 const DEFAULT_TICK: Duration = Duration::from_secs(10);
 
-/// How long the store may take to answer the watchdog's ping before the daemon counts as
-/// unhealthy (and systemd, seeing no WATCHDOG=1, restarts it).
+/// How long the store may take to answer the heartbeat (a write and a status read) before the
+/// daemon counts as unhealthy (and systemd, seeing no WATCHDOG=1, restarts it).
 const STORE_PING_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Capacity of the broker-acknowledgement channel to the downlink. A dropped confirmation only
@@ -264,12 +264,10 @@ pub async fn run_reloadable(
     let keys = spawn_lanes(&config, &store, &health, &shutdown, &tracker).await?;
     tracker.spawn(apply_reloads(keys, reloads, shutdown.clone()));
 
-    let bell = Arc::new(Notify::new());
     let downlink = Downlink {
         store: store.clone(),
         mqtt,
         coap,
-        bell: bell.clone(),
         poll: config.gateway.downlink_poll,
         published: published_rx,
     };

@@ -1,10 +1,10 @@
 //! Downlink: carries desired-state changes from the store to the devices.
 //!
 //! The store is the truth: every desired document has a global change counter (`seq`) and a
-//! `published_seq`, the last change the MQTT broker acknowledged. This task wakes on the bell
-//! (an edit inside the daemon), on a timer (edits by another process, such as
-//! `nn-gateway desired set`, are seen at the next poll), and on the broker's acknowledgements,
-//! and then:
+//! `published_seq`, the last change the MQTT broker acknowledged. This task wakes on a timer
+//! (`gateway.downlink_poll`) and on the broker's acknowledgements. Every desired edit today is
+//! made by another process (`nn-gateway desired set`) and seen at the next poll; there is no
+//! edit inside the daemon to ring a bell for. On each pass it:
 //! - tells the CoAP server about every change since the last one it saw, for its observers;
 //! - publishes, retained at QoS 1, every document whose newest change the broker has not
 //!   acknowledged, and records the acknowledgement when it comes. A document handed to the
@@ -12,10 +12,9 @@
 //!   publish is idempotent, so a repeat is harmless and nothing is lost across restarts.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -34,8 +33,6 @@ pub struct Downlink {
     pub store: Store,
     pub mqtt: Option<MqttHandle>,
     pub coap: Option<CoapHandle>,
-    /// Rung after an in-process edit.
-    pub bell: Arc<Notify>,
     pub poll: Duration,
     pub published: mpsc::Receiver<Published>,
 }
@@ -56,7 +53,6 @@ impl Downlink {
                     }
                     continue;
                 }
-                () = self.bell.notified() => {}
                 () = tokio::time::sleep(self.poll) => {}
             }
             if let Err(e) = self.pass(&mut coap_cursor, &mut handed).await {

@@ -56,8 +56,8 @@ pub struct GatewayConfig {
     /// abandons the rest (which the broker or device then sends again).
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
-    /// How often the daemon polls the store for desired-state changes made by another process
-    /// (the `desired set` command); edits made inside the daemon are published at once.
+    /// How often the daemon polls the store for desired-state changes, all of which another
+    /// process makes today (the `desired set` command).
     #[serde(with = "humantime_serde")]
     pub downlink_poll: Duration,
     /// Names this site in the clouds, which a whole fleet shares: `{site}` in `cloud_id`.
