@@ -362,8 +362,11 @@ async fn heartbeat(
             let failing = wrote.is_err() || !store.is_healthy();
             if failing != condition.failing {
                 match &wrote {
+                    Err(e) if e.is_transient() => {
+                        tracing::error!(error = %e, "the store cannot commit for now (disk full, busy or I/O); nothing new is acknowledged until it can")
+                    }
                     Err(e) => {
-                        tracing::error!(error = %e, "the store cannot commit (disk full?); nothing new is acknowledged until it can")
+                        tracing::error!(error = %e, "the store cannot commit, and waiting will not fix it: see the error; nothing new is acknowledged")
                     }
                     Ok(()) if failing => tracing::error!(
                         "the store's last commit failed (disk full?); nothing new is acknowledged until it can"

@@ -87,6 +87,40 @@ impl StoreError {
         matches!(self, StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _))
             if e.code == rusqlite::ErrorCode::DiskFull)
     }
+
+    /// Whether the same work can succeed later without anyone fixing anything: a full disk
+    /// (retention or the operator frees space), a busy or locked database, an I/O error, memory,
+    /// a write held back behind one of those. Not transient: a corrupt or foreign file, a
+    /// schema newer than this build, a failed migration, a value SQLite refuses, a read-only
+    /// or forbidden file, a closed store. (The store's counterpart of
+    /// [`crate::cloud::CloudError::is_retryable`].)
+    ///
+    /// An [`StoreError::Open`] failure counts as not transient: opening happens once, at
+    /// start-up, and it is systemd's `Restart=` that tries again, not the daemon.
+    pub fn is_transient(&self) -> bool {
+        use rusqlite::ErrorCode as C;
+        match self {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                e.code,
+                C::DiskFull
+                    | C::DatabaseBusy
+                    | C::DatabaseLocked
+                    | C::SystemIoFailure
+                    | C::CannotOpen
+                    | C::FileLockingProtocolFailed
+                    | C::OutOfMemory
+                    | C::OperationInterrupted
+                    | C::SchemaChanged
+            ),
+            StoreError::Held(_) => true,
+            StoreError::Sqlite(_)
+            | StoreError::Open { .. }
+            | StoreError::NewerSchema { .. }
+            | StoreError::Migration { .. }
+            | StoreError::Corrupt(_)
+            | StoreError::Closed => false,
+        }
+    }
 }
 
 /// The lock file beside a database.
