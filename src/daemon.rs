@@ -234,13 +234,12 @@ pub async fn run_reloadable(
         if let Ok(addr) = socket.local_addr() {
             tracing::info!(%addr, "CoAP listening");
         }
-        crate::coap::spawn(
+        let links = crate::coap::Links {
             socket,
-            &config.coap,
-            store.clone(),
-            &tracker,
-            shutdown.clone(),
-        )
+            store: store.clone(),
+            shutdown: shutdown.clone(),
+        };
+        crate::coap::spawn(&config.coap, links, &tracker)
     });
 
     let (published_tx, published_rx) = mpsc::channel(PUBLISHED_QUEUE);

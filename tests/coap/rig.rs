@@ -43,7 +43,12 @@ impl Gateway {
         let addr = socket.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let handle = coap::spawn(socket, &cfg, store.clone(), &tracker, shutdown.clone());
+        let links = coap::Links {
+            socket,
+            store: store.clone(),
+            shutdown: shutdown.clone(),
+        };
+        let handle = coap::spawn(&cfg, links, &tracker);
         Gateway {
             store,
             handle,
