@@ -28,7 +28,6 @@ use crate::cloud::golioth::Golioth;
 use crate::cloud::netneural::NetNeural;
 use crate::cloud::uplink::{GoliothUplink, Identity, NetNeuralUplink};
 use crate::config::Config;
-use crate::downlink::Downlink;
 use crate::health::LaneState;
 use crate::health::{Health, LinkState};
 use crate::model::Target;
@@ -44,10 +43,6 @@ const DEFAULT_TICK: Duration = Duration::from_secs(10);
 /// How long the store may take to answer the heartbeat (a write and a status read) before the
 /// daemon counts as unhealthy (and systemd, seeing no WATCHDOG=1, restarts it).
 const STORE_PING_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Capacity of the broker-acknowledgement channel to the downlink. A dropped confirmation only
-/// causes a harmless republish.
-const PUBLISHED_QUEUE: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -242,7 +237,7 @@ pub async fn run_reloadable(
         crate::coap::spawn(&config.coap, links, &tracker)
     });
 
-    let (published_tx, published_rx) = mpsc::channel(PUBLISHED_QUEUE);
+    let (published_tx, published_rx) = mpsc::channel(crate::downlink::PUBLISHED_QUEUE);
     let mqtt = if config.mqtt.enabled {
         health.set_mqtt(LinkState::Down);
         Some(crate::mqtt::spawn(
@@ -263,14 +258,17 @@ pub async fn run_reloadable(
     let keys = spawn_lanes(&config, &store, &health, &shutdown, &tracker).await?;
     tracker.spawn(apply_reloads(keys, reloads, shutdown.clone()));
 
-    let downlink = Downlink {
-        store: store.clone(),
-        mqtt,
-        coap,
-        poll: config.gateway.downlink_poll,
-        published: published_rx,
-    };
-    tracker.spawn(downlink.run(shutdown.clone()));
+    crate::downlink::spawn(
+        &config.gateway,
+        crate::downlink::Links {
+            store: store.clone(),
+            mqtt,
+            coap,
+            published: published_rx,
+            shutdown: shutdown.clone(),
+        },
+        &tracker,
+    );
     tracker.close();
 
     notifier.ready();

@@ -10,6 +10,10 @@
 //!   acknowledged, and records the acknowledgement when it comes. A document handed to the
 //!   broker but not acknowledged within [`REPUBLISH_AFTER`] is published again; a retained
 //!   publish is idempotent, so a repeat is harmless and nothing is lost across restarts.
+//!
+//! Started by [`spawn`], the shape of every long-running part. Nothing talks to the task once
+//! it runs, so it has no handle: one comes with its first inbound channel (a bell for desired
+//! edits made inside the daemon, when there are any).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -17,8 +21,11 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::coap::CoapHandle;
+use crate::config::GatewayConfig;
 use crate::model::DeviceKey;
 use crate::mqtt::{MqttHandle, Published};
 use crate::store::Store;
@@ -29,16 +36,46 @@ const PAGE: usize = 256;
 /// A publish not acknowledged within this time is sent again.
 pub const REPUBLISH_AFTER: Duration = Duration::from_secs(30);
 
-pub struct Downlink {
+/// Capacity of the channel of broker acknowledgements from the MQTT task. A dropped
+/// confirmation only causes a harmless republish.
+pub const PUBLISHED_QUEUE: usize = 1024;
+
+/// What the downlink is connected to inside the daemon.
+pub struct Links {
     pub store: Store,
+    /// `None` when MQTT is disabled.
     pub mqtt: Option<MqttHandle>,
+    /// `None` when CoAP is disabled.
     pub coap: Option<CoapHandle>,
-    pub poll: Duration,
+    /// The broker's acknowledgements of desired publishes, from the MQTT task.
     pub published: mpsc::Receiver<Published>,
+    pub shutdown: CancellationToken,
+}
+
+/// Starts the downlink on `tracker`; it polls every `gateway.downlink_poll` and stops when
+/// `links.shutdown` fires (what is not yet acknowledged is published again after a restart).
+pub fn spawn(cfg: &GatewayConfig, links: Links, tracker: &TaskTracker) {
+    let downlink = Downlink {
+        store: links.store,
+        mqtt: links.mqtt,
+        coap: links.coap,
+        poll: cfg.downlink_poll,
+        published: links.published,
+    };
+    let span = tracing::info_span!("downlink");
+    tracker.spawn(downlink.run(links.shutdown).instrument(span));
+}
+
+struct Downlink {
+    store: Store,
+    mqtt: Option<MqttHandle>,
+    coap: Option<CoapHandle>,
+    poll: Duration,
+    published: mpsc::Receiver<Published>,
 }
 
 impl Downlink {
-    pub async fn run(mut self, shutdown: CancellationToken) {
+    async fn run(mut self, shutdown: CancellationToken) {
         let mut coap_cursor: i64 = 0;
         let mut handed: HashMap<DeviceKey, (i64, Instant)> = HashMap::new();
         loop {
