@@ -36,7 +36,10 @@
 //! - [`downlink`]: carries desired-state changes from the store to MQTT and CoAP.
 //! - [`notify`]: the systemd notify protocol (READY, WATCHDOG, STATUS, STOPPING).
 //! - [`health`]: shared liveness flags read by the watchdog and the status line.
-//! - [`daemon`]: start-up, the main loop and shutdown, in that order, top to bottom.
+//! - [`heartbeat`]: the daemon's beat in the database for operator commands, WATCHDOG=1 while
+//!   the store answers, STATUS=.
+//! - [`retention`]: the task that has the store enforce telemetry retention every minute.
+//! - [`daemon`]: start-up as a list of spawns, then shutdown in one written order.
 //! - [`cli`]: the operator commands (status, devices, rejected, desired set, check-config).
 
 pub mod backoff;
@@ -48,9 +51,11 @@ pub mod config;
 pub mod daemon;
 pub mod downlink;
 pub mod health;
+pub mod heartbeat;
 pub mod ingest;
 pub mod model;
 pub mod mqtt;
 pub mod notify;
 pub mod outbox;
+pub mod retention;
 pub mod store;
