@@ -146,7 +146,7 @@ fn beat(health: &Health, every: Duration, stopped: bool) -> DaemonBeat {
         pid: std::process::id(),
         at: crate::model::UnixMillis::now().0,
         every_ms: u64::try_from(every.as_millis()).unwrap_or(u64::MAX),
-        mqtt: health.mqtt().as_str().to_owned(),
+        mqtt: health.mqtt(),
         stopped,
         clouds: health.clouds(),
     }

@@ -53,8 +53,8 @@ pub struct DaemonBeat {
     pub at: i64,
     /// Milliseconds until the next beat is due.
     pub every_ms: u64,
-    /// `connected`, `down`, `refused` or `disabled`.
-    pub mqtt: String,
+    /// The broker link: `connected`, `down`, `refused` or `disabled` in JSON.
+    pub mqtt: crate::health::LinkState,
     /// Set by a clean shutdown.
     pub stopped: bool,
     /// Each enabled cloud's lane: state, last success, last error.
