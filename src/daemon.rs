@@ -1,4 +1,4 @@
-//! The daemon: start-up, the main loop and shutdown, in the order they happen.
+//! The daemon: start-up as a list of spawns, then shutdown, in the order they happen.
 //!
 //! [`run`] takes its sockets and its shutdown signal from the caller, so tests run a whole
 //! gateway on port 0 and stop it with their own token.

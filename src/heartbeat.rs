@@ -80,8 +80,8 @@ struct StoreCondition {
 }
 
 /// Writes the heartbeat and refreshes STATUS=. WATCHDOG=1 is sent whenever the store thread
-/// answers in time: it proves the main loop and the store thread are alive. A store that
-/// answers but cannot commit (a full disk) is reported in STATUS= and the log, not by
+/// answers in time: it proves the runtime (this task) and the store thread are alive. A store
+/// that answers but cannot commit (a full disk) is reported in STATUS= and the log, not by
 /// withholding the watchdog: a restart cannot free the disk, and each restart would make the
 /// broker resend everything unacknowledged again.
 async fn heartbeat(

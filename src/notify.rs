@@ -9,8 +9,8 @@
 //!   Until READY `systemctl start` waits, and units ordered `After=nn-gateway.service` do not
 //!   start.
 //! - `WATCHDOG=1` every [`Notifier::watchdog_interval`] (half of `WatchdogSec=`), and only
-//!   while the main loop runs and the store thread answers: a wedged gateway stops pinging and
-//!   systemd restarts it. Pinging from a free-running timer would defeat the point.
+//!   while the heartbeat task ([`crate::heartbeat`]) runs and the store thread answers: a
+//!   wedged gateway stops pinging and systemd restarts it. Pinging from a free-running timer would defeat the point.
 //! - `STATUS=<one line>` every tick and on every link change (devices, queue depth, rejections,
 //!   broker link, whether the store can commit); it is what `systemctl status nn-gateway`
 //!   prints.
