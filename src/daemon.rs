@@ -1,18 +1,18 @@
-//! The daemon: start-up, the main loop and shutdown, in the order they happen.
+//! The daemon: start-up as a list of spawns, then shutdown, in the order they happen.
 //!
 //! [`run`] takes its sockets and its shutdown signal from the caller, so tests run a whole
 //! gateway on port 0 and stop it with their own token.
 //!
-//! Start-up: open the store (migrations) → start CoAP on the bound socket → start MQTT →
-//! start one outbox lane per enabled cloud → start the downlink → READY=1.
-//! Main loop: every tick (and on every link change) the heartbeat is written to the database
-//! for operator commands, WATCHDOG=1 is sent if the store thread answered, and STATUS= gets a
-//! one-line summary; every minute, telemetry retention runs.
+//! Start-up is a list of spawns, each part `X::spawn(config, links, &tracker)`: open the store
+//! (migrations) → CoAP on the bound socket → MQTT → one outbox lane per enabled cloud (and the
+//! SIGHUP key reloads) → the downlink → retention → READY=1 → the heartbeat (its first
+//! WATCHDOG=1 must follow READY=1). Then the daemon only waits for the shutdown token.
 //! Shutdown (the token fires, e.g. on SIGTERM): STOPPING=1 → CoAP stops reading, MQTT stops
 //! storing and acknowledges what is committed, the lanes abandon their sends in the air (the
 //! rows stay in flight and are pending again at the next start; telemetry resends its batch,
-//! which the cloud's idempotency key makes harmless) → all tasks end within
-//! `gateway.shutdown_timeout` → the store finishes its queue, checkpoints and closes.
+//! which the cloud's idempotency key makes harmless), the downlink, retention and heartbeat
+//! stop → all tasks end within `gateway.shutdown_timeout` → the last heartbeat, marked
+//! stopped → the store finishes its queue, checkpoints and closes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,26 +28,13 @@ use crate::cloud::golioth::Golioth;
 use crate::cloud::netneural::NetNeural;
 use crate::cloud::uplink::{GoliothUplink, Identity, NetNeuralUplink};
 use crate::config::Config;
-use crate::downlink::Downlink;
 use crate::health::LaneState;
 use crate::health::{Health, LinkState};
 use crate::model::Target;
 use crate::notify::Notifier;
 use crate::outbox::policy::RetrySchedule;
 use crate::outbox::{LaneConfig, LaneLinks};
-use crate::store::retention::{CHUNK, Policy, RETENTION_EVERY, Report};
-use crate::store::{DaemonBeat, OpenOptions, Store, StoreError};
-
-/// Status line and watchdog period when systemd asks for no watchdog.
-const DEFAULT_TICK: Duration = Duration::from_secs(10);
-
-/// How long the store may take to answer the watchdog's ping before the daemon counts as
-/// unhealthy (and systemd, seeing no WATCHDOG=1, restarts it).
-const STORE_PING_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Capacity of the broker-acknowledgement channel to the downlink. A dropped confirmation only
-/// causes a harmless republish.
-const PUBLISHED_QUEUE: usize = 1024;
+use crate::store::{OpenOptions, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -58,8 +45,6 @@ pub enum DaemonError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("MQTT settings: {0}")]
-    Mqtt(String),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
@@ -203,7 +188,7 @@ impl Sockets {
 /// Runs the gateway until `shutdown` fires, then shuts down in order.
 ///
 /// # Errors
-/// When the store cannot be opened or the MQTT settings are unusable; once running, failures
+/// When the store cannot be opened or a cloud client cannot be built; once running, failures
 /// are retried and logged, not returned.
 pub async fn run(
     config: Config,
@@ -236,32 +221,28 @@ pub async fn run_reloadable(
         if let Ok(addr) = socket.local_addr() {
             tracing::info!(%addr, "CoAP listening");
         }
-        crate::coap::spawn(
+        let links = crate::coap::Links {
             socket,
-            &config.coap,
-            store.clone(),
-            &tracker,
-            shutdown.clone(),
-        )
+            store: store.clone(),
+            shutdown: shutdown.clone(),
+        };
+        crate::coap::spawn(&config.coap, links, &tracker)
     });
 
-    let (published_tx, published_rx) = mpsc::channel(PUBLISHED_QUEUE);
+    let (published_tx, published_rx) = mpsc::channel(crate::downlink::PUBLISHED_QUEUE);
     let mqtt = if config.mqtt.enabled {
         health.set_mqtt(LinkState::Down);
-        Some(
-            crate::mqtt::spawn(
-                &config.mqtt,
-                crate::mqtt::Links {
-                    store: store.clone(),
-                    health: health.clone(),
-                    published: published_tx,
-                    shutdown: shutdown.clone(),
-                    drain: config.gateway.shutdown_timeout,
-                },
-                &tracker,
-            )
-            .map_err(DaemonError::Mqtt)?,
-        )
+        Some(crate::mqtt::spawn(
+            &config.mqtt,
+            crate::mqtt::Links {
+                store: store.clone(),
+                health: health.clone(),
+                published: published_tx,
+                shutdown: shutdown.clone(),
+                drain: config.gateway.shutdown_timeout,
+            },
+            &tracker,
+        ))
     } else {
         None
     };
@@ -269,38 +250,43 @@ pub async fn run_reloadable(
     let keys = spawn_lanes(&config, &store, &health, &shutdown, &tracker).await?;
     tracker.spawn(apply_reloads(keys, reloads, shutdown.clone()));
 
-    let bell = Arc::new(Notify::new());
-    let downlink = Downlink {
-        store: store.clone(),
-        mqtt,
-        coap,
-        bell: bell.clone(),
-        poll: config.gateway.downlink_poll,
-        published: published_rx,
-    };
-    tracker.spawn(downlink.run(shutdown.clone()));
-    tracker.close();
+    crate::downlink::spawn(
+        &config.gateway,
+        crate::downlink::Links {
+            store: store.clone(),
+            mqtt,
+            coap,
+            published: published_rx,
+            shutdown: shutdown.clone(),
+        },
+        &tracker,
+    );
+    crate::retention::spawn(
+        &config.storage,
+        crate::retention::Links {
+            store: store.clone(),
+            shutdown: shutdown.clone(),
+        },
+        &tracker,
+    );
 
     notifier.ready();
     tracing::info!(database = %config.storage.path.display(), "gateway ready");
+    // After READY=1, which systemd must see first.
+    let tick = crate::heartbeat::tick(&notifier);
+    crate::heartbeat::spawn(
+        tick,
+        crate::heartbeat::Links {
+            store: store.clone(),
+            health: health.clone(),
+            notifier: notifier.clone(),
+            shutdown: shutdown.clone(),
+        },
+        &tracker,
+    );
+    tracker.close();
 
-    let tick = notifier.watchdog_interval().unwrap_or(DEFAULT_TICK);
-    let mut ticker = tokio::time::interval(tick);
-    let retention = Policy {
-        max_bytes: config.storage.max_size_mib.saturating_mul(1024 * 1024),
-        max_age: Some(config.storage.telemetry_max_age).filter(|age| !age.is_zero()),
-        chunk: CHUNK,
-    };
-    let mut retention_ticker = tokio::time::interval(RETENTION_EVERY);
-    let mut condition = StoreCondition::default();
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            _ = ticker.tick() => heartbeat(&store, &health, &notifier, tick, &mut condition).await,
-            () = health.changed() => heartbeat(&store, &health, &notifier, tick, &mut condition).await,
-            _ = retention_ticker.tick() => enforce_retention(&store, retention).await,
-        }
-    }
+    shutdown.cancelled().await;
 
     notifier.stopping();
     tracing::info!(deadline = ?config.gateway.shutdown_timeout, "shutting down");
@@ -309,10 +295,7 @@ pub async fn run_reloadable(
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!("tasks still running at the shutdown deadline; closing the store anyway");
     }
-    let last = beat(&health, tick, true);
-    if let Err(e) = store.call(move |db| db.record_heartbeat(&last)).await {
-        tracing::warn!(error = %e, "cannot record the clean stop");
-    }
+    crate::heartbeat::record_stop(&store, &health, tick).await;
     store.close().await;
     tracing::info!("store closed; bye");
     Ok(())
@@ -338,116 +321,4 @@ async fn open_store(config: &Config) -> Result<Store, StoreError> {
             path: config.storage.path.clone(),
             reason: format!("opening task failed: {e}"),
         })?
-}
-
-/// Whether the store's commits were failing at the last heartbeat, to log only changes.
-#[derive(Default)]
-struct StoreCondition {
-    failing: bool,
-}
-
-/// Writes the heartbeat and refreshes STATUS=. WATCHDOG=1 is sent whenever the store thread
-/// answers in time: it proves the main loop and the store thread are alive. A store that
-/// answers but cannot commit (a full disk) is reported in STATUS= and the log, not by
-/// withholding the watchdog: a restart cannot free the disk, and each restart would make the
-/// broker resend everything unacknowledged again.
-async fn heartbeat(
-    store: &Store,
-    health: &Health,
-    notifier: &Notifier,
-    every: Duration,
-    condition: &mut StoreCondition,
-) {
-    let beat = beat(health, every, false);
-    let status = store.call(move |db| {
-        let wrote = db.record_heartbeat(&beat);
-        Ok((db.status()?, wrote))
-    });
-    match tokio::time::timeout(STORE_PING_TIMEOUT, status).await {
-        Ok(Ok((s, wrote))) => {
-            notifier.watchdog();
-            let failing = wrote.is_err() || !store.is_healthy();
-            if failing != condition.failing {
-                match &wrote {
-                    Err(e) => {
-                        tracing::error!(error = %e, "the store cannot commit (disk full?); nothing new is acknowledged until it can")
-                    }
-                    Ok(()) if failing => tracing::error!(
-                        "the store's last commit failed (disk full?); nothing new is acknowledged until it can"
-                    ),
-                    Ok(()) => tracing::info!("the store commits again"),
-                }
-                condition.failing = failing;
-            }
-            notifier.status(&format!(
-                "devices {} | outbox pending {} | rejected {} | mqtt {} | store {}",
-                s.devices,
-                s.outbox_pending(),
-                s.rejected_total,
-                health.mqtt().as_str(),
-                if failing {
-                    "cannot commit (disk full?)"
-                } else {
-                    "ok"
-                }
-            ));
-        }
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, "store cannot read its status; withholding watchdog");
-            notifier.status(&format!("store error: {e}"));
-        }
-        Err(_) => {
-            tracing::error!(
-                "store did not answer within {STORE_PING_TIMEOUT:?}; withholding watchdog"
-            );
-            notifier.status("store not answering");
-        }
-    }
-}
-
-/// Deletes telemetry past its age or beyond the size ceiling, and says what went. A pass is
-/// bounded; while work is left, the next one follows once the writes queued meanwhile are in.
-async fn enforce_retention(store: &Store, policy: Policy) {
-    let mut total = Report::default();
-    loop {
-        match store.call(move |db| db.enforce_retention(&policy)).await {
-            Ok(r) => {
-                total.aged_out += r.aged_out;
-                total.dropped_delivered += r.dropped_delivered;
-                total.dropped_undelivered += r.dropped_undelivered;
-                if !r.more {
-                    break;
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "retention pass failed; trying again at the next one");
-                break;
-            }
-        }
-    }
-    if total.dropped_undelivered > 0 {
-        tracing::warn!(
-            undelivered = total.dropped_undelivered,
-            delivered = total.dropped_delivered,
-            aged_out = total.aged_out,
-            "database at its size ceiling (storage.max_size_mib): deleted telemetry no cloud has received"
-        );
-    } else if total != Report::default() {
-        tracing::info!(
-            delivered = total.dropped_delivered,
-            aged_out = total.aged_out,
-            "retention deleted old telemetry"
-        );
-    }
-}
-
-fn beat(health: &Health, every: Duration, stopped: bool) -> DaemonBeat {
-    DaemonBeat {
-        pid: std::process::id(),
-        at: crate::model::UnixMillis::now().0,
-        every_ms: u64::try_from(every.as_millis()).unwrap_or(u64::MAX),
-        mqtt: health.mqtt().as_str().to_owned(),
-        stopped,
-        clouds: health.clouds(),
-    }
 }

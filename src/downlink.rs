@@ -1,25 +1,31 @@
 //! Downlink: carries desired-state changes from the store to the devices.
 //!
 //! The store is the truth: every desired document has a global change counter (`seq`) and a
-//! `published_seq`, the last change the MQTT broker acknowledged. This task wakes on the bell
-//! (an edit inside the daemon), on a timer (edits by another process, such as
-//! `nn-gateway desired set`, are seen at the next poll), and on the broker's acknowledgements,
-//! and then:
+//! `published_seq`, the last change the MQTT broker acknowledged. This task wakes on a timer
+//! (`gateway.downlink_poll`) and on the broker's acknowledgements. Every desired edit today is
+//! made by another process (`nn-gateway desired set`) and seen at the next poll; there is no
+//! edit inside the daemon to ring a bell for. On each pass it:
 //! - tells the CoAP server about every change since the last one it saw, for its observers;
 //! - publishes, retained at QoS 1, every document whose newest change the broker has not
 //!   acknowledged, and records the acknowledgement when it comes. A document handed to the
 //!   broker but not acknowledged within [`REPUBLISH_AFTER`] is published again; a retained
 //!   publish is idempotent, so a repeat is harmless and nothing is lost across restarts.
+//!
+//! Started by [`spawn`], the shape of every long-running part. Nothing talks to the task once
+//! it runs, so it has no handle: one comes with its first inbound channel (a bell for desired
+//! edits made inside the daemon, when there are any).
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::coap::CoapHandle;
+use crate::config::GatewayConfig;
 use crate::model::DeviceKey;
 use crate::mqtt::{MqttHandle, Published};
 use crate::store::Store;
@@ -30,18 +36,46 @@ const PAGE: usize = 256;
 /// A publish not acknowledged within this time is sent again.
 pub const REPUBLISH_AFTER: Duration = Duration::from_secs(30);
 
-pub struct Downlink {
+/// Capacity of the channel of broker acknowledgements from the MQTT task. A dropped
+/// confirmation only causes a harmless republish.
+pub const PUBLISHED_QUEUE: usize = 1024;
+
+/// What the downlink is connected to inside the daemon.
+pub struct Links {
     pub store: Store,
+    /// `None` when MQTT is disabled.
     pub mqtt: Option<MqttHandle>,
+    /// `None` when CoAP is disabled.
     pub coap: Option<CoapHandle>,
-    /// Rung after an in-process edit.
-    pub bell: Arc<Notify>,
-    pub poll: Duration,
+    /// The broker's acknowledgements of desired publishes, from the MQTT task.
     pub published: mpsc::Receiver<Published>,
+    pub shutdown: CancellationToken,
+}
+
+/// Starts the downlink on `tracker`; it polls every `gateway.downlink_poll` and stops when
+/// `links.shutdown` fires (what is not yet acknowledged is published again after a restart).
+pub fn spawn(cfg: &GatewayConfig, links: Links, tracker: &TaskTracker) {
+    let downlink = Downlink {
+        store: links.store,
+        mqtt: links.mqtt,
+        coap: links.coap,
+        poll: cfg.downlink_poll,
+        published: links.published,
+    };
+    let span = tracing::info_span!("downlink");
+    tracker.spawn(downlink.run(links.shutdown).instrument(span));
+}
+
+struct Downlink {
+    store: Store,
+    mqtt: Option<MqttHandle>,
+    coap: Option<CoapHandle>,
+    poll: Duration,
+    published: mpsc::Receiver<Published>,
 }
 
 impl Downlink {
-    pub async fn run(mut self, shutdown: CancellationToken) {
+    async fn run(mut self, shutdown: CancellationToken) {
         let mut coap_cursor: i64 = 0;
         let mut handed: HashMap<DeviceKey, (i64, Instant)> = HashMap::new();
         loop {
@@ -56,7 +90,6 @@ impl Downlink {
                     }
                     continue;
                 }
-                () = self.bell.notified() => {}
                 () = tokio::time::sleep(self.poll) => {}
             }
             if let Err(e) = self.pass(&mut coap_cursor, &mut handed).await {

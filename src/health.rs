@@ -9,14 +9,22 @@ use std::sync::{Arc, Mutex};
 use crate::model::{Target, UnixMillis};
 use std::sync::atomic::{AtomicU8, Ordering};
 
-/// State of a connection to a peer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// State of a connection to a peer. In the heartbeat (and `status --json`) as its
+/// [`LinkState::as_str`] word.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LinkState {
     Disabled,
     Down,
     Connected,
     /// The peer answered and refused us (credentials, authorisation).
     Refused,
+}
+
+impl std::fmt::Display for LinkState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl LinkState {
@@ -154,5 +162,25 @@ impl Health {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `status --json` and heartbeats written by older builds carry these words.
+    #[test]
+    fn link_states_serialize_as_the_words_status_always_showed() {
+        for state in [
+            LinkState::Disabled,
+            LinkState::Down,
+            LinkState::Connected,
+            LinkState::Refused,
+        ] {
+            let json = serde_json::to_value(state).unwrap();
+            assert_eq!(json, state.as_str());
+            assert_eq!(serde_json::from_value::<LinkState>(json).unwrap(), state);
+        }
     }
 }

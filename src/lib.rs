@@ -7,21 +7,27 @@
 //! # Layout
 //!
 //! Pure (no I/O, unit- and property-tested):
-//! - [`model`]: domain types — device keys, timestamps, readings, rejections.
+//! - [`model`]: domain types — device keys, timestamps, readings, rejections, and the words
+//!   rooms share: a store write and its outcome, a desired document.
 //! - [`codec`]: JSON and CBOR payloads to and from JSON values; the only CBOR user.
 //! - [`ingest`]: checks every transport shares — state patches, telemetry points, RFC 7386 merge.
 //! - [`backoff`]: exponential backoff with full jitter, used by every retry loop.
 //! - [`outbox::policy`]: what a failed send means for its row (retry at T, dead) and its lane
 //!   (offline, backing off, auth failed).
-//! - [`mqtt::topics`] and [`mqtt::router`]: topic templates and PUBLISH → store write.
+//! - [`config::topics`]: MQTT topic templates, parsed as the configuration is read.
+//! - [`mqtt::router`]: PUBLISH → store write.
 //! - [`coap::route`], [`coap::reply`], [`coap::message`]: CoAP request → plan → response bytes;
 //!   [`coap::exchange`] (retransmission cache) and [`coap::observe`] (observer registry).
 //!
 //! I/O:
 //! - [`cloud`]: what both cloud clients share — the typed [`cloud::CloudError`] (which cloud,
-//!   which request, what failed, retried or not), the HTTP client set-up, `Retry-After`.
-//! - [`config`]: the typed configuration, from TOML and `NNGW_` environment variables.
-//! - [`store`]: the SQLite mirror — migrations, all SQL, and the store thread with group commit.
+//!   which request, what failed, retried or not), the HTTP client set-up, `Retry-After` — and
+//!   a room per cloud: [`cloud::golioth`] and [`cloud::netneural`] (each its client, wire
+//!   types and mapping), [`cloud::uplink`] (each cloud as an outbox lane sees it).
+//! - [`config`]: the typed configuration, from TOML and `NNGW_` environment variables, holding
+//!   parsed values (topic templates, addresses, URLs) so that what runs later cannot fail on them.
+//! - [`store`]: the SQLite mirror — migrations, all SQL (one file per aggregate: ingest,
+//!   outbox, retention, views), and the store thread with group commit.
 //! - [`mqtt`]: rumqttc client of the site broker — ingest acknowledged after commit, in
 //!   batches, desired publishes.
 //! - [`coap`]: CoAP server on a UDP socket — ingest, desired resource with Observe.
@@ -30,7 +36,10 @@
 //! - [`downlink`]: carries desired-state changes from the store to MQTT and CoAP.
 //! - [`notify`]: the systemd notify protocol (READY, WATCHDOG, STATUS, STOPPING).
 //! - [`health`]: shared liveness flags read by the watchdog and the status line.
-//! - [`daemon`]: start-up, the main loop and shutdown, in that order, top to bottom.
+//! - [`heartbeat`]: the daemon's beat in the database for operator commands, WATCHDOG=1 while
+//!   the store answers, STATUS=.
+//! - [`retention`]: the task that has the store enforce telemetry retention every minute.
+//! - [`daemon`]: start-up as a list of spawns, then shutdown in one written order.
 //! - [`cli`]: the operator commands (status, devices, rejected, desired set, check-config).
 
 pub mod backoff;
@@ -42,9 +51,11 @@ pub mod config;
 pub mod daemon;
 pub mod downlink;
 pub mod health;
+pub mod heartbeat;
 pub mod ingest;
 pub mod model;
 pub mod mqtt;
 pub mod notify;
 pub mod outbox;
+pub mod retention;
 pub mod store;

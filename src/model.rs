@@ -1,4 +1,6 @@
-//! Domain types shared by every module: device keys, timestamps, readings.
+//! Domain types shared by every module: device keys, timestamps, readings, and the vocabulary
+//! of the store's callers (a write, its outcome, a desired document), so that pure modules
+//! need not import the store.
 //!
 //! Pure: no I/O. Vendor wire formats never appear here; each external system maps its own
 //! JSON to these types in its own module.
@@ -209,6 +211,36 @@ pub struct Rejection {
 
 /// Bytes of a rejected payload kept for the operator.
 pub const REJECTED_EXCERPT_LEN: usize = 256;
+
+/// One write a transport hands to the store: a message to store, or one to keep as rejected.
+#[derive(Clone, Debug)]
+pub enum WriteOp {
+    Ingest(Inbound),
+    Reject(Rejection),
+}
+
+/// How a write went, once committed: what the transport answers its device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Stored; `new_device` when this message created the device.
+    Stored { new_device: bool },
+    /// A redelivery of a message already stored: acknowledged, not stored again.
+    Duplicate,
+    /// Recorded in the rejected table.
+    Rejected,
+}
+
+/// A device's desired document and its change counters, as the downlink carries it to MQTT
+/// and CoAP.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DesiredDoc {
+    pub device: DeviceKey,
+    pub doc: Value,
+    /// Counts changes of this device's document.
+    pub version: i64,
+    /// Global change counter: orders changes across devices.
+    pub seq: i64,
+}
 
 /// 64-bit FNV-1a: a stable digest (unlike `DefaultHasher`, whose output may change between Rust
 /// releases) used to recognise redelivered MQTT messages across restarts and upgrades.

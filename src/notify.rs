@@ -3,11 +3,14 @@
 //! systemd starts us as `Type=notify` and hands over a datagram socket in `NOTIFY_SOCKET`. The
 //! daemon uses it in this order:
 //!
-//! - `READY=1` once the store is open and the MQTT/CoAP sockets are bound. Until then
-//!   `systemctl start` waits, and units ordered `After=nn-gateway.service` do not start.
+//! - `READY=1` once the store is open, the CoAP socket is bound and every task is started.
+//!   The MQTT client binds nothing: it connects to the broker on its own, with backoff, and
+//!   READY does not wait for the broker (a broker that is down must not fail the start).
+//!   Until READY `systemctl start` waits, and units ordered `After=nn-gateway.service` do not
+//!   start.
 //! - `WATCHDOG=1` every [`Notifier::watchdog_interval`] (half of `WatchdogSec=`), and only
-//!   while the main loop runs and the store thread answers: a wedged gateway stops pinging and
-//!   systemd restarts it. Pinging from a free-running timer would defeat the point.
+//!   while the heartbeat task ([`crate::heartbeat`]) runs and the store thread answers: a
+//!   wedged gateway stops pinging and systemd restarts it. Pinging from a free-running timer would defeat the point.
 //! - `STATUS=<one line>` every tick and on every link change (devices, queue depth, rejections,
 //!   broker link, whether the store can commit); it is what `systemctl status nn-gateway`
 //!   prints.

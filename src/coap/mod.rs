@@ -99,7 +99,8 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::CoapConfig;
-use crate::store::{DesiredDoc, Store};
+use crate::model::DesiredDoc;
+use crate::store::Store;
 
 pub use exchange::{EXCHANGE_LIFETIME, NON_LIFETIME};
 
@@ -156,15 +157,22 @@ impl CoapHandle {
     }
 }
 
-/// Starts the server on an already-bound socket, as tasks on `tracker`. It stops reading when
-/// `shutdown` fires; handlers in progress finish and answer.
-pub fn spawn(
-    socket: UdpSocket,
-    cfg: &CoapConfig,
-    store: Store,
-    tracker: &TaskTracker,
-    shutdown: CancellationToken,
-) -> CoapHandle {
+/// What the CoAP server is connected to inside the daemon.
+pub struct Links {
+    /// Bound by the caller (port 0 in tests), so binding fails before anything starts.
+    pub socket: UdpSocket,
+    pub store: Store,
+    pub shutdown: CancellationToken,
+}
+
+/// Starts the server on the already-bound `links.socket`, as tasks on `tracker`. It stops
+/// reading when `links.shutdown` fires; handlers in progress finish and answer.
+pub fn spawn(cfg: &CoapConfig, links: Links, tracker: &TaskTracker) -> CoapHandle {
+    let Links {
+        socket,
+        store,
+        shutdown,
+    } = links;
     let local = socket
         .local_addr()
         .map_or_else(|_| "?".to_owned(), |a| a.to_string());

@@ -22,8 +22,7 @@ use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use crate::model::{DeviceKey, Format};
-use crate::store::DesiredDoc;
+use crate::model::{DesiredDoc, DeviceKey, Format};
 
 /// Observe numbers are 24-bit (RFC 7641 §4.4).
 const OBSERVE_MASK: u32 = 0x00ff_ffff;

@@ -6,8 +6,7 @@ use coap_lite::ResponseType;
 use serde_json::Value;
 
 use crate::codec;
-use crate::model::Format;
-use crate::store::{Outcome, StoreError};
+use crate::model::{Format, Outcome};
 
 /// Content-Format numbers (RFC 7252 §12.3).
 pub const CF_JSON: u16 = 50;
@@ -16,6 +15,15 @@ pub const CF_CBOR: u16 = 60;
 /// Longest diagnostic payload sent with an error. Keeps error responses (which are cached for
 /// retransmissions) small.
 pub const DIAGNOSTIC_LEN: usize = 128;
+
+/// Why an ingest was not stored, as far as the device's answer tells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotStored {
+    /// The gateway's disk (or its database size limit) is full.
+    Full,
+    /// Anything else: the store failed or is closing.
+    Unavailable,
+}
 
 /// A response to send, before it is framed for a particular exchange.
 #[derive(Clone, Debug, PartialEq)]
@@ -73,7 +81,7 @@ impl Reply {
 
     /// The answer to an ingest, once the store has answered: 2.01 when the message created
     /// the device, 2.04 otherwise, 5.03 if it was not stored.
-    pub fn after_ingest(result: &Result<Outcome, StoreError>, retry_after_secs: u32) -> Reply {
+    pub fn after_ingest(result: &Result<Outcome, NotStored>, retry_after_secs: u32) -> Reply {
         match result {
             Ok(Outcome::Stored { new_device: true }) => Reply::empty(ResponseType::Created),
             // CoAP writes carry no MQTT delivery, so Duplicate does not occur here.
@@ -85,10 +93,10 @@ impl Reply {
                 ResponseType::InternalServerError,
                 "reading could not be stored; kept as rejected",
             ),
-            Err(e) if e.is_disk_full() => {
-                Reply::unavailable(retry_after_secs, "gateway storage is full")
+            Err(NotStored::Full) => Reply::unavailable(retry_after_secs, "gateway storage is full"),
+            Err(NotStored::Unavailable) => {
+                Reply::unavailable(retry_after_secs, "gateway storage unavailable")
             }
-            Err(_) => Reply::unavailable(retry_after_secs, "gateway storage unavailable"),
         }
     }
 
@@ -115,7 +123,7 @@ mod tests {
         assert_eq!(created.code, ResponseType::Created);
         let changed = Reply::after_ingest(&Ok(Outcome::Stored { new_device: false }), 30);
         assert_eq!(changed.code, ResponseType::Changed);
-        let failed = Reply::after_ingest(&Err(StoreError::Closed), 30);
+        let failed = Reply::after_ingest(&Err(NotStored::Unavailable), 30);
         assert_eq!(
             (failed.code, failed.max_age),
             (ResponseType::ServiceUnavailable, Some(30))

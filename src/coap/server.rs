@@ -24,11 +24,11 @@ use tracing::Instrument;
 use super::exchange::{Check, Exchanges};
 use super::message::{self, Exchange, Incoming, MessageIds};
 use super::observe::Registry;
-use super::reply::Reply;
+use super::reply::{NotStored, Reply};
 use super::route::{self, Observe, Plan};
 use super::{CoapStats, OVERLOAD_RETRY_AFTER_SECS, STORE_RETRY_AFTER_SECS};
-use crate::model::{DeviceKey, Format, UnixMillis};
-use crate::store::{DesiredDoc, Store, WriteOp};
+use crate::model::{DesiredDoc, DeviceKey, Format, UnixMillis, WriteOp};
+use crate::store::Store;
 
 /// Receive buffer: the largest UDP payload, so an oversized request is read whole and
 /// answered 4.13 rather than truncated into something that parses.
@@ -179,6 +179,13 @@ impl Shared {
                     Ok(outcome) => tracing::debug!(?outcome, "stored"),
                     Err(e) => tracing::error!(error = %e, "store unavailable; answered 5.03"),
                 }
+                let result = result.map_err(|e| {
+                    if e.is_disk_full() {
+                        NotStored::Full
+                    } else {
+                        NotStored::Unavailable
+                    }
+                });
                 Reply::after_ingest(&result, STORE_RETRY_AFTER_SECS)
             }
             Plan::Refuse { rejection, reply } => {

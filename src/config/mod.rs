@@ -21,6 +21,7 @@ use crate::codec::FormatChoice;
 
 mod cloud;
 mod secret;
+pub mod topics;
 
 pub use cloud::{GoliothConfig, IdTemplate, NetNeuralConfig};
 
@@ -55,8 +56,8 @@ pub struct GatewayConfig {
     /// abandons the rest (which the broker or device then sends again).
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
-    /// How often the daemon polls the store for desired-state changes made by another process
-    /// (the `desired set` command); edits made inside the daemon are published at once.
+    /// How often the daemon polls the store for desired-state changes, all of which another
+    /// process makes today (the `desired set` command).
     #[serde(with = "humantime_serde")]
     pub downlink_poll: Duration,
     /// Names this site in the clouds, which a whole fleet shares: `{site}` in `cloud_id`.
@@ -138,10 +139,17 @@ pub struct MqttConfig {
     pub reconnect_min: Duration,
     #[serde(with = "humantime_serde")]
     pub reconnect_max: Duration,
-    /// Larger messages are acknowledged, refused and recorded as rejected.
+    /// Larger messages are acknowledged, refused and recorded as rejected. At most
+    /// [`MAX_WIRE_PACKET`].
     pub max_message_size: usize,
     pub topics: TopicsConfig,
 }
+
+/// Largest packet the MQTT client will read. A larger one would make rumqttc drop the
+/// connection and the broker resend it forever, so this is far above `mqtt.max_message_size`:
+/// such messages are read, acknowledged and rejected by the router instead. Set the broker's
+/// `message_size_limit` below it.
+pub const MAX_WIRE_PACKET: usize = 16 * 1024 * 1024;
 
 impl Default for MqttConfig {
     fn default() -> Self {
@@ -162,13 +170,14 @@ impl Default for MqttConfig {
     }
 }
 
-/// Topic templates; `{device}` stands for one topic level holding the device key.
+/// Topic templates; `{device}` stands for one topic level holding the device key. Parsed as
+/// they are read, so a bad one is refused at load time, naming its key and value.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TopicsConfig {
-    pub state: String,
-    pub telemetry: String,
-    pub desired: String,
+    pub state: topics::Template,
+    pub telemetry: topics::Template,
+    pub desired: topics::Template,
     pub state_format: FormatChoice,
     pub telemetry_format: FormatChoice,
 }
@@ -176,9 +185,9 @@ pub struct TopicsConfig {
 impl Default for TopicsConfig {
     fn default() -> Self {
         TopicsConfig {
-            state: "devices/{device}/state".into(),
-            telemetry: "devices/{device}/telemetry".into(),
-            desired: "devices/{device}/desired".into(),
+            state: topics::Template::under_devices("state"),
+            telemetry: topics::Template::under_devices("telemetry"),
+            desired: topics::Template::under_devices("desired"),
             state_format: FormatChoice::Auto,
             telemetry_format: FormatChoice::Auto,
         }
@@ -307,18 +316,8 @@ impl Config {
             .prefix_separator("_")
             .separator("__")
             .source(Some(env_map));
-        let mut cfg: Config = config::Config::builder()
-            .add_source(file)
-            .add_source(environment)
-            .build()
-            .and_then(|c| c.try_deserialize())
-            .map_err(|e| ConfigError {
-                origin: origin.clone(),
-                message: e.to_string(),
-                key: None,
-            })?;
-        cfg.validate(&origin).map_err(|mut e| {
-            // A value that came from the environment is the environment's fault, not the file's.
+        // A value that came from the environment is the environment's fault, not the file's.
+        let blame = |mut e: ConfigError| {
             if let Some(key) = &e.key {
                 let var = format!("{ENV_PREFIX}_{}", key.replace('.', "__").to_uppercase());
                 if env.iter().any(|(k, _)| *k == var) {
@@ -326,27 +325,31 @@ impl Config {
                 }
             }
             e
-        })?;
+        };
+        let mut cfg: Config = config::Config::builder()
+            .add_source(file)
+            .add_source(environment)
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| {
+                blame(ConfigError {
+                    origin: origin.clone(),
+                    message: e.to_string(),
+                    key: failed_key(&e),
+                })
+            })?;
+        cfg.validate(&origin).map_err(blame)?;
         cfg.read_secrets(&origin, credentials_dir)?;
         Ok(cfg)
     }
 
     fn validate(&self, origin: &str) -> Result<(), ConfigError> {
         let t = &self.mqtt.topics;
-        for (key, template) in [
-            ("mqtt.topics.state", &t.state),
-            ("mqtt.topics.telemetry", &t.telemetry),
-            ("mqtt.topics.desired", &t.desired),
-        ] {
-            crate::mqtt::topics::Template::parse(template).map_err(|problem| {
-                ConfigError::at(origin, key, format!("{template:?}"), &problem)
-            })?;
-        }
         if t.state == t.telemetry {
             return Err(ConfigError::at(
                 origin,
                 "mqtt.topics.telemetry",
-                format!("{:?}", t.telemetry),
+                format!("{:?}", t.telemetry.to_string()),
                 "must differ from mqtt.topics.state",
             ));
         }
@@ -388,12 +391,12 @@ impl Config {
                 "must be between 1s and 65535s (MQTT counts it in whole seconds; 0 would never notice a dead connection)",
             ));
         }
-        if self.mqtt.max_message_size > crate::mqtt::MAX_WIRE_PACKET {
+        if self.mqtt.max_message_size > MAX_WIRE_PACKET {
             return Err(ConfigError::at(
                 origin,
                 "mqtt.max_message_size",
                 self.mqtt.max_message_size,
-                &format!("must be at most {} bytes", crate::mqtt::MAX_WIRE_PACKET),
+                &format!("must be at most {MAX_WIRE_PACKET} bytes"),
             ));
         }
         if self.storage.max_size_mib < 16 {
@@ -484,6 +487,15 @@ impl Config {
     /// The effective configuration as TOML, secrets redacted.
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+/// The key a value refused while deserializing sits at (a topic template that does not parse,
+/// a number out of range), when the loader knows it.
+fn failed_key(e: &config::ConfigError) -> Option<String> {
+    match e {
+        config::ConfigError::At { key, .. } | config::ConfigError::Type { key, .. } => key.clone(),
+        _ => None,
     }
 }
 

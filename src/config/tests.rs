@@ -251,3 +251,62 @@ fn an_unknown_key_anywhere_from_the_environment_is_an_error_naming_the_key() {
         names_key(&err, key, *table);
     }
 }
+
+#[test]
+fn a_bad_topic_template_is_refused_at_load_naming_key_value_and_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        "t.toml",
+        "[mqtt.topics]\nstate = \"devices/+/state\"\n",
+    );
+    let from_file = Config::load_with(&Source::File(file.clone()), &[], None).unwrap_err();
+    let from_env = Config::load_with(
+        &Source::Embedded,
+        &env(&[("NNGW_MQTT__TOPICS__DESIRED", "d/{device}x/desired")]),
+        None,
+    )
+    .unwrap_err();
+    for (err, key, value, problem) in [
+        (
+            &from_file,
+            "mqtt.topics.state",
+            "devices/+/state",
+            "wildcards",
+        ),
+        (
+            &from_env,
+            "mqtt.topics.desired",
+            "d/{device}x/desired",
+            "whole topic level",
+        ),
+    ] {
+        let msg = err.to_string();
+        for part in [key, value, problem] {
+            assert!(msg.contains(part), "{msg} should contain {part:?}");
+        }
+    }
+    assert!(from_file.to_string().contains(&file.display().to_string()));
+    assert!(
+        from_env
+            .to_string()
+            .starts_with("environment variable NNGW_MQTT__TOPICS__DESIRED"),
+        "{from_env}"
+    );
+}
+
+#[test]
+fn topic_templates_are_held_parsed_and_written_back_as_strings() {
+    let cfg = Config::load_with(
+        &Source::Embedded,
+        &env(&[("NNGW_MQTT__TOPICS__STATE", "site/{device}/up")]),
+        None,
+    )
+    .unwrap();
+    assert_eq!(cfg.mqtt.topics.state.filter(), "site/+/up");
+    assert!(
+        cfg.to_toml().contains("state = \"site/{device}/up\""),
+        "{}",
+        cfg.to_toml()
+    );
+}

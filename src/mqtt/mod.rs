@@ -28,7 +28,7 @@
 //! **A clean stop leaves nothing stored to resend** (SIGTERM, i.e. `links.shutdown`): read no
 //! more, wait (within `links.drain`) for the commits of what was handed to the store, write
 //! their PUBACKs, then DISCONNECT and read and discard until the broker closes the connection
-//! ([`goodbye`]). Messages read in that last phase are neither stored nor acknowledged; the
+//! ([`Link::goodbye`]). Messages read in that last phase are neither stored nor acknowledged; the
 //! broker resends them to the next connection, where they are stored once. Dropping the socket
 //! instead, while the broker still streams to us, closes it with unread data, which Linux
 //! answers with a RST: Mosquitto then never reads our last PUBACKs nor the DISCONNECT (its log
@@ -58,32 +58,27 @@
 //! reports it on the `published` channel so the store can record that the broker holds it.
 
 pub mod desired;
+mod link;
 pub mod router;
-pub mod topics;
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, PubAck, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::backoff::Backoff;
-use crate::config::MqttConfig;
+use crate::config::topics::Template;
+use crate::config::{MAX_WIRE_PACKET, MqttConfig};
 use crate::health::{Health, LinkState};
-use crate::model::UnixMillis;
-use crate::store::{DesiredDoc, Outcome, PendingWrite, Store, StoreError, WriteOp};
+use crate::model::{DesiredDoc, Outcome, UnixMillis, WriteOp};
+use crate::store::{PendingWrite, Store, StoreError};
 pub use desired::Published;
+use link::Link;
 use router::Router;
-use topics::Template;
-
-/// Largest packet rumqttc will read. A larger one would make rumqttc drop the connection and
-/// the broker resend it forever, so this is far above `mqtt.max_message_size`: such messages
-/// are read, acknowledged and rejected by the router instead. Set the broker's
-/// `message_size_limit` below it.
-pub const MAX_WIRE_PACKET: usize = 16 * 1024 * 1024;
 
 /// Messages read but not yet acknowledged before the driver stops reading. Two store batches:
 /// one committing while the next fills, so group commit stays full without letting the
@@ -105,7 +100,7 @@ pub const STABLE_AFTER: Duration = Duration::from_secs(30);
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Least time shutdown gives the broker, after our DISCONNECT, to read what we wrote and close
-/// the connection ([`goodbye`]), even when the drain used up its deadline. Under a flood
+/// the connection ([`Link::goodbye`]), even when the drain used up its deadline. Under a flood
 /// Mosquitto reads one packet of ours per turn of its loop, so tens of thousands of PUBACKs
 /// can be waiting in its socket; within the daemon's grace of 2 s beyond the drain.
 const GOODBYE_MIN: Duration = Duration::from_secs(1);
@@ -152,12 +147,9 @@ pub struct Links {
 /// Starts the MQTT driver on `tracker`. It stops when `links.shutdown` fires, after
 /// acknowledging (within `links.drain`) everything already handed to the store and waiting
 /// for the broker to close the connection, so that it has read those acknowledgements.
-///
-/// # Errors
-/// When a topic template is unusable (configuration validation refuses those first).
-pub fn spawn(cfg: &MqttConfig, links: Links, tracker: &TaskTracker) -> Result<MqttHandle, String> {
-    let router = Router::new(&cfg.topics, cfg.max_message_size)?;
-    let desired_topic = Template::parse(&cfg.topics.desired)?;
+pub fn spawn(cfg: &MqttConfig, links: Links, tracker: &TaskTracker) -> MqttHandle {
+    let router = Router::new(&cfg.topics, cfg.max_message_size);
+    let desired_topic = cfg.topics.desired.clone();
     let mut opts = MqttOptions::new(cfg.client_id.clone(), cfg.host.clone(), cfg.port);
     opts.set_keep_alive(cfg.keep_alive)
         .set_clean_session(false)
@@ -179,7 +171,7 @@ pub fn spawn(cfg: &MqttConfig, links: Links, tracker: &TaskTracker) -> Result<Mq
         health: links.health.clone(),
     };
     let driver = Driver {
-        eventloop,
+        link: Link::new(eventloop),
         client,
         router,
         desired_topic,
@@ -198,7 +190,7 @@ pub fn spawn(cfg: &MqttConfig, links: Links, tracker: &TaskTracker) -> Result<Mq
     };
     let span = tracing::info_span!("mqtt", broker = %format!("{}:{}", cfg.host, cfg.port));
     tracker.spawn(driver.run(links.shutdown, links.drain).instrument(span));
-    Ok(handle)
+    handle
 }
 
 /// A message handed to the store, waiting for its commit (and then its PUBACK, unless QoS 0).
@@ -213,7 +205,8 @@ struct Unacked {
 }
 
 struct Driver {
-    eventloop: EventLoop,
+    /// rumqttc's event loop; its internals only through [`Link`].
+    link: Link,
     client: AsyncClient,
     router: Router,
     desired_topic: Template,
@@ -259,7 +252,7 @@ impl Driver {
                     self.publish_desired(doc);
                     continue;
                 }
-                event = self.eventloop.poll(), if read => event,
+                event = self.link.poll(), if read => event,
             };
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
@@ -396,20 +389,13 @@ impl Driver {
         if self.ready.is_empty() {
             return;
         }
-        let Some(network) = self.eventloop.network.as_mut() else {
-            self.ready.clear(); // Disconnected: the broker will redeliver them.
-            return;
-        };
         let pkids = std::mem::take(&mut self.ready);
-        let write_all = async {
-            for pkid in pkids {
-                network.write(Packet::PubAck(PubAck::new(pkid))).await?;
+        match tokio::time::timeout(FLUSH_TIMEOUT, self.link.send_acks(pkids)).await {
+            // `None`: disconnected, and the broker will redeliver them.
+            Ok(None | Some(Ok(()))) => {}
+            Ok(Some(Err(e))) => {
+                self.drop_connection(&format!("cannot send acknowledgements: {e}"));
             }
-            network.flush().await
-        };
-        match tokio::time::timeout(FLUSH_TIMEOUT, write_all).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => self.drop_connection(&format!("cannot send acknowledgements: {e}")),
             Err(_) => self.drop_connection("broker did not take acknowledgements in time"),
         }
     }
@@ -445,11 +431,11 @@ impl Driver {
     }
 
     fn drop_connection(&mut self, why: &str) {
-        if !self.connected && self.eventloop.network.is_none() {
+        if !self.connected && !self.link.has_connection() {
             return; // Already down.
         }
         tracing::warn!("dropping the broker connection: {why}");
-        self.eventloop.clean();
+        self.link.drop_connection();
         self.new_generation(LinkState::Down);
         self.must_pause = true;
     }
@@ -460,16 +446,7 @@ impl Driver {
         self.generation += 1;
         self.connected = false;
         self.ready.clear();
-        // Events rumqttc read before the failure would otherwise be handed out after the
-        // reconnect, and their PUBACKs would name packet ids of the new session.
-        self.eventloop.state.events.clear();
-        // Our unacknowledged desired publishes are not resent by rumqttc: their events could
-        // not be told from new ones (and a resend can collide with a new publish's packet id).
-        // The downlink publishes again whatever the broker did not acknowledge.
-        self.eventloop
-            .pending
-            .retain(|r| !matches!(r, rumqttc::Request::Publish(_)));
-        self.eventloop.state.collision = None;
+        self.link.forget_old_connection();
         self.tracker.reset();
         self.health.set_mqtt(state);
     }
@@ -514,7 +491,7 @@ impl Driver {
             tracing::warn!("shutdown deadline reached while sending acknowledgements");
         }
         let bye = until.max(tokio::time::Instant::now() + GOODBYE_MIN);
-        match goodbye(&mut self.eventloop, bye).await {
+        match self.link.goodbye(bye).await {
             Ok(None) => {} // Not connected: nothing to say goodbye to.
             Ok(Some(discarded)) => {
                 tracing::info!(
@@ -528,47 +505,6 @@ impl Driver {
             ),
         }
         self.health.set_mqtt(LinkState::Down);
-    }
-}
-
-/// Ends a connection so that the broker reads everything written before: DISCONNECT, then
-/// read and discard until the broker closes the connection (it does on DISCONNECT), within
-/// `deadline`. Returns how many packets were discarded (`None` when not connected): messages that arrived after the stop,
-/// neither stored nor acknowledged, which the broker sends again to the next connection.
-///
-/// Why not just drop the socket: the broker keeps streaming until it reads our DISCONNECT, so
-/// our receive buffer holds unread data, and Linux answers `close()` on such a socket with a
-/// RST instead of a FIN. A RST makes the broker's kernel discard what Mosquitto had not read
-/// yet: our last PUBACKs (under load, thousands of them) and the DISCONNECT. Reading until the
-/// broker's FIN empties our buffer, and the broker's FIN proves it read all we wrote. (rumqttc's
-/// `Network` does not expose the socket, so we cannot half-close it; the DISCONNECT, read in
-/// order after the PUBACKs, does the same job.)
-///
-/// The only rumqttc internals used at shutdown, kept in one place.
-async fn goodbye(
-    eventloop: &mut EventLoop,
-    deadline: tokio::time::Instant,
-) -> Result<Option<u64>, &'static str> {
-    let Some(network) = eventloop.network.as_mut() else {
-        return Ok(None);
-    };
-    let sent = async {
-        network.write(Packet::Disconnect).await?;
-        network.flush().await
-    };
-    match tokio::time::timeout_at(deadline, sent).await {
-        Ok(Ok(())) => {}
-        Ok(Err(_)) => return Err("cannot send DISCONNECT"),
-        Err(_) => return Err("DISCONNECT not taken in time"),
-    }
-    let mut discarded = 0;
-    loop {
-        match tokio::time::timeout_at(deadline, network.read()).await {
-            Ok(Ok(_)) => discarded += 1,
-            // The broker closed the connection (or it broke): nothing more can arrive.
-            Ok(Err(_)) => return Ok(Some(discarded)),
-            Err(_) => return Err("deadline reached"),
-        }
     }
 }
 

@@ -4,13 +4,12 @@
 
 use crate::codec::FormatChoice;
 use crate::config::TopicsConfig;
+use crate::config::topics::Template;
 use crate::ingest::{self, Kind};
 use crate::model::{
-    DeviceKey, Inbound, MqttDelivery, Origin, REJECTED_EXCERPT_LEN, Rejection, UnixMillis, fnv1a,
+    DeviceKey, Inbound, MqttDelivery, Origin, REJECTED_EXCERPT_LEN, Rejection, UnixMillis, WriteOp,
+    fnv1a,
 };
-use crate::store::WriteOp;
-
-use super::topics::Template;
 
 /// Routes messages of the subscribed topics.
 #[derive(Clone, Debug)]
@@ -23,16 +22,14 @@ pub struct Router {
 }
 
 impl Router {
-    /// # Errors
-    /// When a template does not parse (config validation has already refused those).
-    pub fn new(topics: &TopicsConfig, max_size: usize) -> Result<Router, String> {
-        Ok(Router {
-            state: Template::parse(&topics.state)?,
-            telemetry: Template::parse(&topics.telemetry)?,
+    pub fn new(topics: &TopicsConfig, max_size: usize) -> Router {
+        Router {
+            state: topics.state.clone(),
+            telemetry: topics.telemetry.clone(),
             state_format: topics.state_format,
             telemetry_format: topics.telemetry_format,
             max_size,
-        })
+        }
     }
 
     /// The filters to subscribe to.
@@ -121,7 +118,7 @@ mod tests {
     use crate::model::Reading;
 
     fn router() -> Router {
-        Router::new(&TopicsConfig::default(), 100).unwrap()
+        Router::new(&TopicsConfig::default(), 100)
     }
 
     fn reason(op: WriteOp) -> String {

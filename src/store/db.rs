@@ -1,4 +1,7 @@
-//! Every SQL statement of the mirror, as methods on [`Db`], a plain rusqlite connection.
+//! [`Db`], a plain rusqlite connection: opening and migrations, the group commit's transaction
+//! (its statements are in `write.rs`), desired state and the views. The outbox's and
+//! retention's SQL sit in their own files ([`super::outbox`], [`super::retention`]), also on
+//! `Db`.
 //!
 //! Blocking. Inside the daemon a `Db` lives on the store thread ([`super::Store`]); the
 //! operator CLI opens its own `Db` on the same file (WAL lets both work at once).
@@ -10,10 +13,13 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde_json::Value;
 
 use super::StoreError;
-use super::views::{DaemonBeat, DesiredDoc, DeviceView, OutboxCount, RejectedView, Status};
-use super::write::{Group, Outcome, WriteOp, Writer, is_poison, trim_rejected, upsert_device};
+use super::doc::parse_doc;
+use super::views::{DaemonBeat, DeviceView, OutboxCount, RejectedView, Status};
+use super::write::{Group, Writer, is_poison, trim_rejected, upsert_device};
 use crate::config::Synchronous;
-use crate::model::{DeviceKey, Origin, Reading, Rejection, Target, UnixMillis};
+use crate::model::{
+    DesiredDoc, DeviceKey, Origin, Outcome, Reading, Rejection, Target, UnixMillis, WriteOp,
+};
 
 /// Migrations, in order; `PRAGMA user_version` counts how many are applied.
 const MIGRATIONS: &[&str] = &[
@@ -581,13 +587,6 @@ impl Db {
         )?)
     }
 
-    /// A cheap query proving the connection works (watchdog).
-    pub fn ping(&self) -> Result<(), StoreError> {
-        self.conn
-            .query_row("SELECT count(*) FROM meta", [], |_| Ok(()))?;
-        Ok(())
-    }
-
     /// Folds the WAL back into the main file; used at clean shutdown.
     pub fn checkpoint(&self) -> Result<(), StoreError> {
         self.conn
@@ -624,10 +623,6 @@ fn retry_locked<T>(
 
 fn user_version(conn: &Connection) -> rusqlite::Result<i64> {
     conn.query_row("PRAGMA user_version", [], |r| r.get(0))
-}
-
-pub(super) fn parse_doc(text: &str) -> Value {
-    serde_json::from_str(text).unwrap_or(Value::String(text.to_owned()))
 }
 
 fn desired_doc(key: &str, doc: &str, version: i64, seq: i64) -> Result<DesiredDoc, StoreError> {

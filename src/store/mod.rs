@@ -1,6 +1,10 @@
 //! The SQLite mirror: schema, SQL, and the thread that owns the daemon's connection.
 //!
-//! All SQL lives in [`db`]; migrations sit beside it in `migrations/` as numbered files.
+//! SQL lives here in `store/` and nowhere else, one file per aggregate: [`db`] (opening,
+//! migrations, desired state, the status and device views), `write.rs` (the ingest write
+//! path), [`outbox`] (what is owed to the clouds) and [`retention`] (bounded disk), all as
+//! methods on or helpers of [`Db`]. Migrations sit beside them in `migrations/` as numbered
+//! files.
 //! rusqlite blocks, so inside the daemon one dedicated thread owns the connection and the
 //! async side talks to it through [`Store`], a cheap cloneable handle over a bounded channel.
 //!
@@ -11,6 +15,7 @@
 //! covers a whole batch.
 
 pub mod db;
+mod doc;
 pub mod outbox;
 pub mod retention;
 #[cfg(test)]
@@ -25,10 +30,12 @@ use std::thread;
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::model::{Outcome, WriteOp};
+
 pub use db::{Db, OpenOptions, SCHEMA_VERSION};
 pub use outbox::{DeviceIdent, OutboxRow, QueueRow, QueueView, Requeue, TelemetryItem};
-pub use views::{DaemonBeat, DesiredDoc, DeviceView, RejectedView, Status};
-pub use write::{DEDUP_SPAN, Outcome, WriteOp};
+pub use views::{DaemonBeat, DeviceView, RejectedView, Status};
+pub use write::DEDUP_SPAN;
 
 /// Most writes committed in one transaction. Large enough that one fsync (with
 /// `synchronous = full`) is spread over many messages, small enough that a batch commits in
@@ -79,6 +86,40 @@ impl StoreError {
     pub fn is_disk_full(&self) -> bool {
         matches!(self, StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _))
             if e.code == rusqlite::ErrorCode::DiskFull)
+    }
+
+    /// Whether the same work can succeed later without anyone fixing anything: a full disk
+    /// (retention or the operator frees space), a busy or locked database, an I/O error, memory,
+    /// a write held back behind one of those. Not transient: a corrupt or foreign file, a
+    /// schema newer than this build, a failed migration, a value SQLite refuses, a read-only
+    /// or forbidden file, a closed store. (The store's counterpart of
+    /// [`crate::cloud::CloudError::is_retryable`].)
+    ///
+    /// An [`StoreError::Open`] failure counts as not transient: opening happens once, at
+    /// start-up, and it is systemd's `Restart=` that tries again, not the daemon.
+    pub fn is_transient(&self) -> bool {
+        use rusqlite::ErrorCode as C;
+        match self {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                e.code,
+                C::DiskFull
+                    | C::DatabaseBusy
+                    | C::DatabaseLocked
+                    | C::SystemIoFailure
+                    | C::CannotOpen
+                    | C::FileLockingProtocolFailed
+                    | C::OutOfMemory
+                    | C::OperationInterrupted
+                    | C::SchemaChanged
+            ),
+            StoreError::Held(_) => true,
+            StoreError::Sqlite(_)
+            | StoreError::Open { .. }
+            | StoreError::NewerSchema { .. }
+            | StoreError::Migration { .. }
+            | StoreError::Corrupt(_)
+            | StoreError::Closed => false,
+        }
     }
 }
 

@@ -16,7 +16,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::StoreError;
-use super::db::{Db, parse_doc};
+use super::db::Db;
+use super::doc::parse_doc;
 use crate::model::{DeviceKey, Target, UnixMillis};
 
 /// A row taken for sending.

@@ -1,6 +1,7 @@
 //! Bounded disk: telemetry retention by age and by the database's size.
 //!
-//! Blocking; run by the daemon every [`RETENTION_EVERY`] on the store thread.
+//! Blocking; run on the store thread every [`RETENTION_EVERY`] by the retention task
+//! ([`crate::retention`]).
 //!
 //! - **Age.** Telemetry older than `storage.telemetry_max_age` goes once nothing is owed on it
 //!   (at or below the delivery cursor of every enabled cloud that takes telemetry): points

@@ -228,6 +228,12 @@ fn a_full_disk_fails_the_whole_group_and_nothing_behind_it_is_stored_first() {
         "{results:?}"
     );
     assert!(
+        results
+            .iter()
+            .all(|r| r.as_ref().unwrap_err().is_transient()),
+        "a full disk and what it holds back can succeed later: {results:?}"
+    );
+    assert!(
         matches!(results[2], Err(StoreError::Held(_))),
         "{results:?}"
     );
@@ -648,4 +654,47 @@ fn a_database_over_its_ceiling_that_holds_only_state_keeps_all_of_it() {
         assert_eq!(view.desired.unwrap()["pad"], json!(pad), "{}", view.key);
     }
     assert!(used_bytes(db.conn()).unwrap() >= full, "nothing was freed");
+}
+
+#[test]
+fn store_errors_say_whether_waiting_can_help() {
+    use rusqlite::ErrorCode as C;
+    let sqlite = |code: C| {
+        StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error {
+                code,
+                extended_code: 0,
+            },
+            None,
+        ))
+    };
+    for code in [
+        C::DiskFull,
+        C::DatabaseBusy,
+        C::DatabaseLocked,
+        C::SystemIoFailure,
+    ] {
+        assert!(sqlite(code).is_transient(), "{code:?} should be transient");
+    }
+    assert!(StoreError::Held("disk full".into()).is_transient());
+    let permanent = [
+        sqlite(C::DatabaseCorrupt),
+        sqlite(C::NotADatabase),
+        sqlite(C::ConstraintViolation),
+        sqlite(C::ReadOnly),
+        StoreError::Corrupt("bad key".into()),
+        StoreError::NewerSchema {
+            path: "g.db".into(),
+            found: 9,
+            known: 2,
+        },
+        StoreError::Migration {
+            version: 2,
+            source: rusqlite::Error::InvalidQuery,
+        },
+        StoreError::Closed,
+    ];
+    for e in permanent {
+        assert!(!e.is_transient(), "{e} should not be transient");
+    }
 }

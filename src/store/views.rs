@@ -5,18 +5,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::model::{DeviceKey, UnixMillis};
-
-/// A device's desired document and its change counters.
-#[derive(Clone, Debug, PartialEq)]
-pub struct DesiredDoc {
-    pub device: DeviceKey,
-    pub doc: Value,
-    /// Counts changes of this device's document.
-    pub version: i64,
-    /// Global change counter: orders changes across devices.
-    pub seq: i64,
-}
+use crate::model::UnixMillis;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct OutboxCount {
@@ -64,8 +53,8 @@ pub struct DaemonBeat {
     pub at: i64,
     /// Milliseconds until the next beat is due.
     pub every_ms: u64,
-    /// `connected`, `down`, `refused` or `disabled`.
-    pub mqtt: String,
+    /// The broker link: `connected`, `down`, `refused` or `disabled` in JSON.
+    pub mqtt: crate::health::LinkState,
     /// Set by a clean shutdown.
     pub stopped: bool,
     /// Each enabled cloud's lane: state, last success, last error.

@@ -10,10 +10,11 @@ use std::collections::HashMap;
 use rusqlite::{CachedStatement, OptionalExtension, Transaction, params};
 use serde_json::Value;
 
-use super::db::parse_doc;
+use super::doc::parse_doc;
 use crate::ingest::merge_object_patch;
 use crate::model::{
-    DeviceKey, Inbound, MqttDelivery, Origin, REJECTED_EXCERPT_LEN, Reading, Rejection, Target,
+    DeviceKey, Inbound, MqttDelivery, Origin, Outcome, REJECTED_EXCERPT_LEN, Reading, Rejection,
+    Target, WriteOp,
 };
 
 /// A redelivery is recognised only if its first delivery is among the last this many MQTT
@@ -38,24 +39,6 @@ use crate::model::{
 /// splits the margin: exact while the broker has fewer than 32,768 of our messages in flight
 /// and no more than 32,767 of the packet ids between were spent on messages never stored.
 pub const DEDUP_SPAN: i64 = 32_768;
-
-/// How a write went.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// Stored; `new_device` when this message created the device.
-    Stored { new_device: bool },
-    /// A redelivery of a message already stored: acknowledged, not stored again.
-    Duplicate,
-    /// Recorded in the rejected table.
-    Rejected,
-}
-
-/// One write in a group commit.
-#[derive(Clone, Debug)]
-pub enum WriteOp {
-    Ingest(Inbound),
-    Reject(Rejection),
-}
 
 /// Finds or creates the device; `seen` also bumps `last_seen`. Returns (id, created).
 pub(super) fn upsert_device(

@@ -10,8 +10,8 @@ use coap_lite::option_value::OptionValueU32;
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 use nn_gateway::coap::{self, CoapHandle};
 use nn_gateway::config::{CoapConfig, Synchronous};
-use nn_gateway::model::{DeviceKey, Origin, Target};
-use nn_gateway::store::{DesiredDoc, OpenOptions, Store};
+use nn_gateway::model::{DesiredDoc, DeviceKey, Origin, Target};
+use nn_gateway::store::{OpenOptions, Store};
 use serde_json::Value;
 use tokio::net::UdpSocket;
 use tokio::time::timeout;
@@ -43,7 +43,12 @@ impl Gateway {
         let addr = socket.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let handle = coap::spawn(socket, &cfg, store.clone(), &tracker, shutdown.clone());
+        let links = coap::Links {
+            socket,
+            store: store.clone(),
+            shutdown: shutdown.clone(),
+        };
+        let handle = coap::spawn(&cfg, links, &tracker);
         Gateway {
             store,
             handle,

@@ -1,9 +1,17 @@
-//! Topic templates such as `devices/{device}/state`: checking, subscribing, matching, filling.
+//! MQTT topic templates such as `devices/{device}/state`: parsing, subscribing, matching,
+//! filling.
 //!
-//! Pure.
+//! Pure. Parsed when the configuration is read (`[mqtt.topics]`), so the MQTT task holds
+//! only usable templates and cannot fail on one.
 
-/// A topic template with exactly one `{device}` level.
-#[derive(Clone, Debug, PartialEq, Eq)]
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A topic template with exactly one `{device}` level. In the configuration it is the string
+/// it was parsed from.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct Template {
     levels: Vec<String>,
     device_level: usize,
@@ -34,6 +42,14 @@ impl Template {
             [_] => Err("{device} must be a whole topic level, as in devices/{device}/state".into()),
             [] => Err("topic template must contain {device}".into()),
             _ => Err("topic template must contain {device} once".into()),
+        }
+    }
+
+    /// `devices/{device}/<leaf>`, the shape of the defaults. `leaf` is one plain topic level.
+    pub(super) fn under_devices(leaf: &str) -> Template {
+        Template {
+            levels: vec!["devices".into(), "{device}".into(), leaf.into()],
+            device_level: 1,
         }
     }
 
@@ -72,6 +88,26 @@ impl Template {
     }
 }
 
+impl TryFrom<String> for Template {
+    type Error = String;
+    /// The error names the value; the configuration loader adds the key and the file.
+    fn try_from(s: String) -> Result<Self, String> {
+        Template::parse(&s).map_err(|problem| format!("{s:?}: {problem}"))
+    }
+}
+
+impl From<Template> for String {
+    fn from(t: Template) -> String {
+        t.to_string()
+    }
+}
+
+impl fmt::Display for Template {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.with_device("{device}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,6 +124,8 @@ mod tests {
         assert_eq!(t.device_in("devices//state"), Some(""));
         let first = Template::parse("{device}/up").unwrap();
         assert_eq!(first.device_in("abc/up"), Some("abc"));
+        assert_eq!(t.to_string(), "devices/{device}/state", "shown as written");
+        assert_eq!(Template::under_devices("state"), t);
     }
 
     #[test]
