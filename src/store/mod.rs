@@ -218,9 +218,22 @@ impl Bells {
         }
     }
 
-    fn ring(&self) {
+    /// Rings the clouds owed something by these stored writes: reported state goes to every
+    /// cloud, telemetry only to those that take it (Golioth's lane is not woken by telemetry).
+    fn ring<'a>(&self, stored: impl Iterator<Item = &'a WriteOp>) {
+        let (mut state, mut telemetry) = (false, false);
+        for op in stored {
+            if let WriteOp::Ingest(msg) = op {
+                match msg.reading {
+                    crate::model::Reading::State(_) => state = true,
+                    crate::model::Reading::Telemetry(_) => telemetry = true,
+                }
+            }
+        }
         for t in &self.targets {
-            self.of(*t).notify_one();
+            if state || (telemetry && t.takes_telemetry()) {
+                self.of(*t).notify_one();
+            }
         }
     }
 }
@@ -499,12 +512,12 @@ fn commit(
     if let Some(Err(first)) = results.iter().find(|r| r.is_err()) {
         tracing::error!(writes = failed, error = %first, "writes not stored");
     }
-    if results
-        .iter()
-        .any(|r| matches!(r, Ok(Outcome::Stored { .. })))
-    {
-        bells.ring();
-    }
+    bells.ring(
+        ops.iter()
+            .zip(&results)
+            .filter(|(_, r)| matches!(r, Ok(Outcome::Stored { .. })))
+            .map(|(op, _)| op),
+    );
     for ((stream, reply), result) in answers.into_iter().zip(results) {
         if result.is_err() {
             broken.insert(stream);
