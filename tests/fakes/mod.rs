@@ -35,7 +35,11 @@ fn uuid_v4() -> String {
     let mut b: [u8; 16] = fastrand::u128(..).to_be_bytes();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    let mut h = String::with_capacity(32);
+    for x in b {
+        use std::fmt::Write as _;
+        let _ = write!(h, "{x:02x}");
+    }
     format!(
         "{}-{}-{}-{}-{}",
         &h[0..8],
