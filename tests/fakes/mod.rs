@@ -7,6 +7,8 @@
 //!   tables of DESIGN.md §5, with their unique, foreign-key, not-null and check constraints.
 //! - [`faults`]: what both share to misbehave (status answers, delays, dropped connections,
 //!   responses lost after the write, poisoned payloads, a revocable key) and the request log.
+//! - [`rig`]: the other side: a pre-filled gateway database and the real `nn-gateway` binary
+//!   run against the fakes (for crash tests and the uplink benchmark).
 //!
 //! Use from a test file with `mod fakes;`. Everything runs on the test's tokio runtime; a
 //! fake stops when dropped.
@@ -16,6 +18,7 @@ pub mod faults;
 pub mod golioth;
 pub mod netneural;
 mod postgrest;
+pub mod rig;
 mod server;
 
 pub use faults::{Answer, Fault, Faults, Logged, Mark, Match};

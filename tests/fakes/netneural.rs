@@ -347,7 +347,11 @@ impl Db {
 
     /// Builds the unique indexes of `table` that are missing.
     fn ensure_index(&mut self, table: &'static str) {
-        let t = self.tables.iter().find(|t| t.name == table).expect("a table");
+        let t = self
+            .tables
+            .iter()
+            .find(|t| t.name == table)
+            .expect("a table");
         for (u, cols) in t.unique.iter().enumerate() {
             if self.index.contains_key(&(table, u)) {
                 continue;
@@ -900,13 +904,9 @@ impl NetNeural {
                     .with_header("content-range", &format!("{range}/{total}")));
             }
             "POST" => {
-                let body: Value = body
-                    .take()
-                    .expect("read above")
-                    .map_err(|e| {
-                        PgError::new(400, "PGRST102", "Empty or invalid json")
-                            .details(e.to_string())
-                    })?;
+                let body: Value = body.take().expect("read above").map_err(|e| {
+                    PgError::new(400, "PGRST102", "Empty or invalid json").details(e.to_string())
+                })?;
                 let objs: Vec<Row> = match body {
                     Value::Object(o) => vec![o],
                     Value::Array(items) => items

@@ -407,17 +407,26 @@ enum Test {
     In(Kind, Vec<Value>),
     ContainsArray(Vec<String>),
     ContainsJson(Value),
-    Like { case: bool, pattern: String },
+    Like {
+        case: bool,
+        pattern: String,
+    },
     /// The stored value compared with the literal must give one of these orderings.
     Compare(Kind, Value, &'static [Ordering]),
 }
 
 fn prepare(f: &Filter, kind: &dyn Fn(&str) -> Kind) -> Result<Pred, PgError> {
     Ok(match f {
-        Filter::Or(fs) => Pred::Or(fs.iter().map(|f| prepare(f, kind)).collect::<Result<_, _>>()?),
-        Filter::And(fs) => {
-            Pred::And(fs.iter().map(|f| prepare(f, kind)).collect::<Result<_, _>>()?)
-        }
+        Filter::Or(fs) => Pred::Or(
+            fs.iter()
+                .map(|f| prepare(f, kind))
+                .collect::<Result<_, _>>()?,
+        ),
+        Filter::And(fs) => Pred::And(
+            fs.iter()
+                .map(|f| prepare(f, kind))
+                .collect::<Result<_, _>>()?,
+        ),
         Filter::Cond {
             col,
             negate,
@@ -440,9 +449,11 @@ fn prepare(f: &Filter, kind: &dyn Fn(&str) -> Kind) -> Result<Pred, PgError> {
                 ),
                 Op::Cs => match k {
                     Kind::TextArray => Test::ContainsArray(array_literal(value)?),
-                    Kind::Json => Test::ContainsJson(serde_json::from_str(value).map_err(|_| {
-                        PgError::new(400, "22P02", "invalid input syntax for type json")
-                    })?),
+                    Kind::Json => {
+                        Test::ContainsJson(serde_json::from_str(value).map_err(|_| {
+                            PgError::new(400, "22P02", "invalid input syntax for type json")
+                        })?)
+                    }
                     _ => return Err(PgError::new(400, "42883", "operator does not exist: @>")),
                 },
                 Op::Like { case } => Test::Like {
