@@ -243,7 +243,22 @@ fn parse_logic(expr: &str) -> Result<Vec<Filter>, PgError> {
             let (col, cond) = part.split_once('.').ok_or_else(|| {
                 PgError::parse(format!("\"failed to parse logic tree ({expr})\""))
             })?;
-            parse_cond(col, cond)
+            // In a logic tree a value holding reserved characters is double-quoted; the
+            // quotes are not part of it.
+            Ok(match parse_cond(col, cond)? {
+                Filter::Cond {
+                    col,
+                    negate,
+                    op,
+                    value,
+                } if !matches!(op, Op::In(_)) => Filter::Cond {
+                    col,
+                    negate,
+                    op,
+                    value: unquote(&value),
+                },
+                other => other,
+            })
         })
         .collect()
 }
