@@ -226,9 +226,12 @@ impl Uplink for NetNeuralUplink {
             let assignments = self.client.assignments(&unknown).await?;
             let mut directions = self.directions.lock().unwrap_or_else(|p| p.into_inner());
             for id in &unknown {
-                let ok = assignments.iter().find(|a| a.device_id == *id).is_none_or(|a| {
-                    a.direction.imports() || a.direction == SyncDirection::Bidirectional
-                });
+                let ok = assignments
+                    .iter()
+                    .find(|a| a.device_id == *id)
+                    .is_none_or(|a| {
+                        a.direction.imports() || a.direction == SyncDirection::Bidirectional
+                    });
                 directions.insert(id.0.clone(), (ok, Instant::now()));
             }
             for id in remote_ids {

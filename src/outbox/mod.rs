@@ -912,7 +912,11 @@ async fn send_one<U: Uplink>(shared: &Shared<U>, row: &OutboxRow) -> RowOutcome 
     let target = uplink.target();
     let (remote, stored, fresh) = match row.device.remote_id(target) {
         Some(id) => (id.to_owned(), None, false),
-        None => match shared.registrar.resolve(uplink, &row.device, Some(row)).await {
+        None => match shared
+            .registrar
+            .resolve(uplink, &row.device, Some(row))
+            .await
+        {
             Ok(r) if r.delivered => {
                 // Created with the row's content; nothing assigned it a direction yet.
                 return RowOutcome {
@@ -975,7 +979,10 @@ async fn deliver<U: Uplink>(shared: Arc<Shared<U>>, items: Vec<TelemetryItem>) -
         for device in chunk.iter().cloned() {
             let shared = shared.clone();
             set.spawn(async move {
-                let r = shared.registrar.resolve(&shared.uplink, &device, None).await;
+                let r = shared
+                    .registrar
+                    .resolve(&shared.uplink, &device, None)
+                    .await;
                 (device.id, r)
             });
         }
