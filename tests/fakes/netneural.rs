@@ -23,7 +23,9 @@ use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
 
 use super::faults::Faults;
-use super::postgrest::{Kind, PgError, Prefer, Query, coerce, format_timestamp};
+use super::postgrest::{
+    Filter, Kind, Op, PgError, Prefer, Query, array_literal, coerce, format_timestamp,
+};
 use super::server::{Api, Request, Response, Server};
 use super::uuid_v4;
 
@@ -285,6 +287,9 @@ struct Db {
     /// anything else changes it (so a bulk insert into a large table costs its own rows, not
     /// the table's).
     index: HashMap<(&'static str, usize), HashMap<String, usize>>,
+    /// Per (table, text[] column): each element → the rows holding it, kept like `index`, so
+    /// that `hardware_ids=cs.{X}` reads the rows that hold X, not the whole table.
+    elements: HashMap<(&'static str, &'static str), HashMap<String, Vec<usize>>>,
 }
 
 /// How conflicts on the target constraint are settled.
@@ -320,6 +325,7 @@ impl Db {
             rows,
             last_now: OffsetDateTime::UNIX_EPOCH,
             index: HashMap::new(),
+            elements: HashMap::new(),
         }
     }
 
@@ -368,7 +374,92 @@ impl Db {
     /// Replaces a table's rows (after an update, a delete, a merge): its indexes go.
     fn replace_rows(&mut self, table: &'static str, rows: Vec<Row>) {
         self.rows.insert(table, rows);
+        self.forget_indexes(table);
+    }
+
+    fn forget_indexes(&mut self, table: &str) {
         self.index.retain(|(t, _), _| *t != table);
+        self.elements.retain(|(t, _), _| *t != table);
+    }
+
+    /// Adds row `i` of `table` to the element indexes built for it.
+    fn index_elements(&mut self, table: &'static str, i: usize) {
+        let row = &self.rows[table][i];
+        for ((t, col), map) in self.elements.iter_mut() {
+            if *t != table {
+                continue;
+            }
+            for e in row
+                .get(*col)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if let Some(e) = e.as_str() {
+                    map.entry(e.to_owned()).or_default().push(i);
+                }
+            }
+        }
+    }
+
+    /// The positions of the only rows that can match `q`, in order, when a filter allows an
+    /// index to say (`id=eq.X`, `col=cs.{X,…}` on a text[] column); `None` to read them all.
+    /// The caller still tests every filter on them.
+    fn candidates(&mut self, table: &'static str, q: &Query) -> Option<Vec<usize>> {
+        for f in &q.filters {
+            let Filter::Cond {
+                col,
+                negate: false,
+                op,
+                value,
+            } = f
+            else {
+                continue;
+            };
+            let t = self.table(table).ok()?;
+            match op {
+                Op::Eq if col == "id" && super::postgrest::is_uuid(value) => {
+                    self.ensure_index(table);
+                    let key = Db::key(
+                        &Row::from_iter([(
+                            "id".to_owned(),
+                            Value::from(value.to_ascii_lowercase()),
+                        )]),
+                        &["id"],
+                    )?;
+                    return Some(
+                        self.index[&(table, 0)]
+                            .get(&key)
+                            .copied()
+                            .into_iter()
+                            .collect(),
+                    );
+                }
+                Op::Cs if t.kind(col) == Kind::TextArray => {
+                    let first = array_literal(value).ok()?.into_iter().next()?;
+                    let col: &'static str = t.column(col)?.name;
+                    if !self.elements.contains_key(&(table, col)) {
+                        let mut map: HashMap<String, Vec<usize>> = HashMap::new();
+                        for (i, r) in self.rows[table].iter().enumerate() {
+                            for e in r.get(col).and_then(Value::as_array).into_iter().flatten() {
+                                if let Some(e) = e.as_str() {
+                                    map.entry(e.to_owned()).or_default().push(i);
+                                }
+                            }
+                        }
+                        self.elements.insert((table, col), map);
+                    }
+                    let mut at = self.elements[&(table, col)]
+                        .get(&first)
+                        .cloned()
+                        .unwrap_or_default();
+                    at.dedup();
+                    return Some(at);
+                }
+                _ => {}
+            }
+        }
+        None
     }
 
     fn now(&mut self) -> String {
@@ -692,20 +783,29 @@ impl Db {
             Vec::new()
         };
         self.rows.get_mut(table).expect("a table").extend(added);
+        for i in base..self.rows[table].len() {
+            self.index_elements(table, i);
+        }
         Ok(out)
     }
 
-    fn select(&self, table: &str, q: &Query) -> Result<Vec<Row>, PgError> {
-        let t = self.table(table)?;
-        check_columns(t, q)?;
+    fn select(&mut self, table: &str, q: &Query) -> Result<Vec<Row>, PgError> {
+        let name = self.table(table)?.name;
+        check_columns(self.table(name)?, q)?;
+        let candidates = self.candidates(name, q);
+        let t = self.table(name)?;
         let kind = |c: &str| t.kind(c);
         let m = q.matcher(&kind)?;
-        let out: Vec<Row> = self.rows[t.name]
-            .iter()
-            .filter(|r| m.matches(r))
-            .cloned()
-            .collect();
-        let mut out = out;
+        let rows = &self.rows[t.name];
+        let mut out: Vec<Row> = match candidates {
+            Some(at) => at
+                .into_iter()
+                .map(|i| &rows[i])
+                .filter(|r| m.matches(r))
+                .cloned()
+                .collect(),
+            None => rows.iter().filter(|r| m.matches(r)).cloned().collect(),
+        };
         q.sort(&mut out, &kind);
         Ok(out)
     }
@@ -785,7 +885,7 @@ impl Db {
             })
             .collect();
         for (table, column, cascade) in refs {
-            self.index.retain(|(t, _), _| *t != table);
+            self.forget_indexes(table);
             let rows = self.rows.get_mut(table).expect("a table");
             if cascade {
                 rows.retain(|r| !r.get(column).is_some_and(|v| ids.contains(v)));

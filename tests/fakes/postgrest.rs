@@ -580,7 +580,7 @@ fn like(s: &str, pattern: &str, case: bool) -> bool {
 }
 
 /// `{a,b,"c d"}` as Postgres reads an array literal.
-fn array_literal(s: &str) -> Result<Vec<String>, PgError> {
+pub(super) fn array_literal(s: &str) -> Result<Vec<String>, PgError> {
     let inner = s
         .strip_prefix('{')
         .and_then(|x| x.strip_suffix('}'))
