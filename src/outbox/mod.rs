@@ -211,6 +211,7 @@ pub fn spawn<U: Uplink>(
         read_through: None,
         telemetry_retry: None,
         telemetry_attempts: 0,
+        batch_seq: 0,
         summary: Summary::default(),
         last_summary: tokio::time::Instant::now(),
         touches: JoinSet::new(),
@@ -308,6 +309,8 @@ struct Lane<U> {
     /// restart the batch is simply tried at once).
     telemetry_retry: Option<UnixMillis>,
     telemetry_attempts: u32,
+    /// Numbers the telemetry batches sent, to match answers to them.
+    batch_seq: u64,
     summary: Summary,
     last_summary: tokio::time::Instant,
     /// At most one `last_seen` update in the air, off the batches' path.
@@ -502,7 +505,6 @@ impl<U: Uplink> Lane<U> {
         let mut rows: JoinSet<(OutboxRow, RowOutcome)> = JoinSet::new();
         let mut batches: JoinSet<(u64, BatchOutcome)> = JoinSet::new();
         let mut in_air: VecDeque<InAir> = VecDeque::new();
-        let mut seq = 0u64;
         let mut settled: Vec<Settled> = Vec::new();
         let mut effects = Vec::new();
         let mut last_error: Option<CloudError> = None;
@@ -545,27 +547,9 @@ impl<U: Uplink> Lane<U> {
                     });
                 }
             }
-            while !stopping && !telemetry_drained && in_air.len() < TELEMETRY_IN_FLIGHT {
-                match self.next_batch(in_air.is_empty()).await? {
-                    Some((items, retry)) => {
-                        worked = true;
-                        seq += 1;
-                        let last = items.last().map_or(0, |i| i.id);
-                        if retry.is_none() {
-                            self.read_through = Some(last);
-                        }
-                        in_air.push_back(InAir {
-                            seq,
-                            last,
-                            retry,
-                            outcome: None,
-                        });
-                        let shared = self.shared.clone();
-                        let this = seq;
-                        batches.spawn(async move { (this, deliver(shared, items).await) });
-                    }
-                    None => telemetry_drained = true,
-                }
+            if !stopping && !telemetry_drained {
+                telemetry_drained = self.fill_telemetry(&mut batches, &mut in_air).await?;
+                worked |= !in_air.is_empty();
             }
             if rows.is_empty() && batches.is_empty() {
                 break;
@@ -610,18 +594,14 @@ impl<U: Uplink> Lane<U> {
                     slot.outcome = Some(outcome);
                 }
             }
-            while in_air.front().is_some_and(|b| b.outcome.is_some()) {
-                let Some(InAir {
-                    last,
-                    retry,
-                    outcome: Some(outcome),
-                    ..
-                }) = in_air.pop_front()
-                else {
-                    break;
-                };
-                match self.settle_batch(last, retry, outcome).await? {
-                    Ok(()) => succeeded = true,
+            if in_air.front().is_some_and(|b| b.outcome.is_some()) {
+                // The next batches go out before the ones in are settled: the settling commit
+                // (an fsync) then overlaps the cloud's answer instead of adding to it.
+                if !stopping && !telemetry_drained {
+                    telemetry_drained = self.fill_telemetry(&mut batches, &mut in_air).await?;
+                }
+                match self.settle_batches(&mut in_air).await? {
+                    Ok(any) => succeeded |= any,
                     Err(e) => {
                         let (verdict, effect) = policy::judge(
                             &e,
@@ -799,56 +779,116 @@ impl<U: Uplink> Lane<U> {
         Ok(Some((items, Some(ids))))
     }
 
-    /// Settles a batch that came back, in order: the cursor moves past it (dead letters
-    /// recorded), or its failure is returned for the lane to judge.
-    async fn settle_batch(
+    /// Sends telemetry batches until [`TELEMETRY_IN_FLIGHT`] are in the air. Returns whether
+    /// there was nothing more to send.
+    async fn fill_telemetry(
         &mut self,
-        last: i64,
-        retry: Option<Vec<i64>>,
-        outcome: BatchOutcome,
-    ) -> Result<Result<(), CloudError>, StoreError> {
-        let target = self.target();
-        self.summary.devices_registered += outcome.registered;
-        let dead = match outcome.result {
-            Ok(dead) => dead,
-            Err(e) => return Ok(Err(e)),
-        };
-        self.telemetry_retry = None;
-        self.telemetry_attempts = 0;
-        self.summary.points_sent += outcome.sent;
-        self.summary.points_dead += dead.len() as u64;
-        if !dead.is_empty() {
-            tracing::warn!(points = dead.len(), first = dead[0].0, error = %dead[0].2,
-                "telemetry points refused by the cloud; dead-lettered (nn-gateway queue)");
-        }
-        match retry {
-            Some(ids) => {
-                let ok: Vec<i64> = ids
-                    .into_iter()
-                    .filter(|id| !dead.iter().any(|d| d.0 == *id))
-                    .collect();
-                let cursor = self.cursor.unwrap_or(0);
-                self.shared
-                    .store
-                    .call(move |db| {
-                        db.forget_dead_telemetry(target, &ok)?;
-                        db.settle_telemetry(target, cursor, &dead)
-                    })
-                    .await?;
+        batches: &mut JoinSet<(u64, BatchOutcome)>,
+        in_air: &mut VecDeque<InAir>,
+    ) -> Result<bool, StoreError> {
+        while batches.len() < TELEMETRY_IN_FLIGHT {
+            let Some((items, retry)) = self.next_batch(in_air.is_empty()).await? else {
+                return Ok(true);
+            };
+            self.batch_seq += 1;
+            let last = items.last().map_or(0, |i| i.id);
+            if retry.is_none() {
+                self.read_through = Some(last);
             }
-            None => {
-                self.shared
-                    .store
-                    .call(move |db| db.settle_telemetry(target, last, &dead))
-                    .await?;
+            in_air.push_back(InAir {
+                seq: self.batch_seq,
+                last,
+                retry,
+                outcome: None,
+            });
+            let shared = self.shared.clone();
+            let seq = self.batch_seq;
+            batches.spawn(async move { (seq, deliver(shared, items).await) });
+        }
+        Ok(false)
+    }
+
+    /// Settles the batches at the front of `in_air` that came back, in order and in one
+    /// transaction: the cursor moves past them (dead letters recorded). Stops at a failed one
+    /// and returns its failure for the lane to judge; otherwise whether any was settled.
+    async fn settle_batches(
+        &mut self,
+        in_air: &mut VecDeque<InAir>,
+    ) -> Result<Result<bool, CloudError>, StoreError> {
+        let target = self.target();
+        let mut through: Option<i64> = None;
+        let mut dead_all: Vec<DeadPoint> = Vec::new();
+        let mut retried: Option<(Vec<i64>, Vec<DeadPoint>)> = None;
+        let mut seen: BTreeMap<String, UnixMillis> = BTreeMap::new();
+        let mut failure = None;
+        while in_air.front().is_some_and(|b| b.outcome.is_some()) {
+            let Some(InAir {
+                last,
+                retry,
+                outcome: Some(outcome),
+                ..
+            }) = in_air.pop_front()
+            else {
+                break;
+            };
+            self.summary.devices_registered += outcome.registered;
+            let dead = match outcome.result {
+                Ok(dead) => dead,
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            };
+            self.telemetry_retry = None;
+            self.telemetry_attempts = 0;
+            self.summary.points_sent += outcome.sent;
+            self.summary.points_dead += dead.len() as u64;
+            if !dead.is_empty() {
+                tracing::warn!(points = dead.len(), first = dead[0].0, error = %dead[0].2,
+                    "telemetry points refused by the cloud; dead-lettered (nn-gateway queue)");
+            }
+            for (id, at) in outcome.seen {
+                let newest = seen.entry(id).or_insert(at);
+                *newest = (*newest).max(at);
+            }
+            match retry {
+                // Dead letters are only sent again when nothing else is in the air.
+                Some(ids) => retried = Some((ids, dead)),
+                None => {
+                    through = Some(last);
+                    dead_all.extend(dead);
+                }
+            }
+        }
+        let any = through.is_some() || retried.is_some();
+        if any {
+            let cursor = self.cursor.unwrap_or(0);
+            self.shared
+                .store
+                .call(move |db| {
+                    if let Some((ids, dead)) = retried {
+                        let ok: Vec<i64> = ids
+                            .into_iter()
+                            .filter(|id| !dead.iter().any(|d| d.0 == *id))
+                            .collect();
+                        db.forget_dead_telemetry(target, &ok)?;
+                        db.settle_telemetry(target, cursor, &dead)?;
+                    }
+                    match through {
+                        Some(last) => db.settle_telemetry(target, last, &dead_all),
+                        None => Ok(()),
+                    }
+                })
+                .await?;
+            if let Some(last) = through {
                 self.cursor = Some(last.max(self.cursor.unwrap_or(0)));
             }
         }
-        if !outcome.seen.is_empty() {
+        if !seen.is_empty() {
             while self.touches.try_join_next().is_some() {}
             if self.touches.is_empty() {
                 let shared = self.shared.clone();
-                let seen = outcome.seen;
+                let seen: Vec<(String, UnixMillis)> = seen.into_iter().collect();
                 self.touches.spawn(async move {
                     if let Err(e) = shared.uplink.touch(&seen).await {
                         tracing::debug!(error = %e, "last_seen not advanced; the next batch will");
@@ -856,7 +896,10 @@ impl<U: Uplink> Lane<U> {
                 });
             }
         }
-        Ok(Ok(()))
+        Ok(match failure {
+            Some(e) => Err(e),
+            None => Ok(any),
+        })
     }
 
     async fn maybe_summarise(&mut self) {
