@@ -541,10 +541,13 @@ impl<U: Uplink> Lane<U> {
                 worked |= !taken.is_empty();
                 for row in taken {
                     let shared = self.shared.clone();
-                    rows.spawn(async move {
-                        let outcome = send_one(&shared, &row).await;
-                        (row, outcome)
-                    });
+                    rows.spawn(
+                        async move {
+                            let outcome = send_one(&shared, &row).await;
+                            (row, outcome)
+                        }
+                        .in_current_span(),
+                    );
                 }
             }
             if !stopping && !telemetry_drained {
@@ -803,7 +806,7 @@ impl<U: Uplink> Lane<U> {
             });
             let shared = self.shared.clone();
             let seq = self.batch_seq;
-            batches.spawn(async move { (seq, deliver(shared, items).await) });
+            batches.spawn(async move { (seq, deliver(shared, items).await) }.in_current_span());
         }
         Ok(false)
     }
@@ -889,11 +892,14 @@ impl<U: Uplink> Lane<U> {
             if self.touches.is_empty() {
                 let shared = self.shared.clone();
                 let seen: Vec<(String, UnixMillis)> = seen.into_iter().collect();
-                self.touches.spawn(async move {
-                    if let Err(e) = shared.uplink.touch(&seen).await {
-                        tracing::debug!(error = %e, "last_seen not advanced; the next batch will");
+                self.touches.spawn(
+                    async move {
+                        if let Err(e) = shared.uplink.touch(&seen).await {
+                            tracing::debug!(error = %e, "last_seen not advanced; the next batch will");
+                        }
                     }
-                });
+                    .in_current_span(),
+                );
             }
         }
         Ok(match failure {
@@ -1021,13 +1027,16 @@ async fn deliver<U: Uplink>(shared: Arc<Shared<U>>, items: Vec<TelemetryItem>) -
         let mut set = JoinSet::new();
         for device in chunk.iter().cloned() {
             let shared = shared.clone();
-            set.spawn(async move {
-                let r = shared
-                    .registrar
-                    .resolve(&shared.uplink, &device, None)
-                    .await;
-                (device.id, r)
-            });
+            set.spawn(
+                async move {
+                    let r = shared
+                        .registrar
+                        .resolve(&shared.uplink, &device, None)
+                        .await;
+                    (device.id, r)
+                }
+                .in_current_span(),
+            );
         }
         while let Some(r) = set.join_next().await {
             match joined(r) {
