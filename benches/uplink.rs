@@ -3,7 +3,7 @@
 //!
 //! Run: `cargo bench --bench uplink` (release profile). Optional: `UPLINK_RUNS` (3),
 //! `UPLINK_ONLY` (`register` or `drain`), `UPLINK_DEVICES` (10,000), `UPLINK_POINTS`
-//! (1,000,000), `UPLINK_LIVE` (5,000), `UPLINK_LATENCY_MS` (20), and any `NNGW_…` variable,
+//! (1,000,000), `UPLINK_LIVE` (50,000), `UPLINK_LATENCY_MS` (20), and any `NNGW_…` variable,
 //! which the daemon inherits (e.g. `NNGW_NETNEURAL__CONCURRENCY`).
 //!
 //! - **register**: `UPLINK_DEVICES` new devices, each with a reported state owed to Golioth and
@@ -258,7 +258,7 @@ fn main() {
     let only = std::env::var("UPLINK_ONLY").unwrap_or_default();
     let devices: u64 = env_or("UPLINK_DEVICES", 10_000);
     let points: u64 = env_or("UPLINK_POINTS", 1_000_000);
-    let live: u64 = env_or("UPLINK_LIVE", 5_000);
+    let live: u64 = env_or("UPLINK_LIVE", 50_000);
     let latency = Duration::from_millis(env_or("UPLINK_LATENCY_MS", 20));
     nn_gateway::cloud::install_crypto_provider();
     let rt = tokio::runtime::Builder::new_multi_thread()
