@@ -1,7 +1,8 @@
 //! The uplink end to end: devices publish to a real Mosquitto, the gateway runs in process on a
 //! real SQLite file, and its lanes deliver to the fake Golioth and fake NetNeural (real HTTP
 //! servers on port 0 that follow the vendors' shapes, see `tests/fakes`) while those are told
-//! to fail: outages (dropped connections), 503s, a poisoned point, a revoked key.
+//! to fail: outages (dropped connections), 503s, a poisoned point, a revoked key. The crash
+//! test runs the real `nn-gateway` binary on a pre-filled database instead, and kills it.
 
 mod fakes;
 mod support;
@@ -9,6 +10,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use fakes::rig::{Backlog, Daemon};
 use fakes::{FakeGolioth, FakeNetNeural, Fault, Match};
 use nn_gateway::config::Config;
 use nn_gateway::daemon::{self, Sockets};
@@ -389,4 +391,113 @@ async fn a_revoked_key_pauses_the_lane_and_a_fixed_key_file_with_sighup_resumes_
     )
     .await;
     gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkill_in_the_middle_of_a_drain_leaves_no_duplicates_in_either_cloud() {
+    const DEVICES: u64 = 300;
+    const POINTS: u64 = 30_000;
+    let golioth = FakeGolioth::start().await;
+    let nn = FakeNetNeural::start().await;
+    // Every request takes a while, so the kill finds requests in the air in both lanes.
+    for faults in [golioth.faults(), nn.faults()] {
+        faults.always(Match::any(), Fault::Delay(Duration::from_millis(20)));
+    }
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("gateway.db");
+    Backlog {
+        prefix: "kill-",
+        devices: DEVICES,
+        state: true,
+        points: POINTS,
+    }
+    .write(&db);
+    let mut env = fakes::rig::environment(dir.path(), &db, broker.port, Some(&golioth), Some(&nn));
+    env.push(("NNGW_NETNEURAL__TELEMETRY_BATCH".into(), "200".into()));
+
+    let first = Daemon::start(&env, &dir.path().join("first.log"));
+    until(
+        "part of the backlog in NetNeural",
+        Duration::from_secs(60),
+        || nn.count("device_telemetry_history") >= 2000,
+    )
+    .await;
+    let (points_at_kill, golioth_at_kill) =
+        (nn.count("device_telemetry_history"), golioth.device_count());
+    first.kill9();
+    eprintln!(
+        "killed at {points_at_kill} of {POINTS} points, {golioth_at_kill} of {DEVICES} Golioth devices"
+    );
+    assert!(
+        (points_at_kill as u64) < POINTS,
+        "the drain was over before the kill: {points_at_kill} points"
+    );
+
+    let second = Daemon::start(&env, &dir.path().join("second.log"));
+    let golioth_done = || {
+        golioth.device_count() as u64 >= DEVICES
+            && (0..DEVICES).all(|d| {
+                golioth
+                    .device_by_hardware_id(&format!("kill-{d}"))
+                    .and_then(|g| golioth.state(g["id"].as_str().unwrap(), "state"))
+                    .is_some_and(|s| s["fw"] == "1.0")
+            })
+    };
+    let netneural_done = || {
+        nn.count("device_telemetry_history") as u64 >= POINTS
+            && nn
+                .rows("devices")
+                .iter()
+                .filter(|d| d["metadata"]["reported"]["fw"] == "1.0")
+                .count() as u64
+                >= DEVICES
+    };
+    until(
+        "everything in both clouds",
+        Duration::from_secs(120),
+        || netneural_done() && golioth_done(),
+    )
+    .await;
+    // Give a duplicate the time to show up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut numbers: Vec<i64> = nn
+        .rows("device_telemetry_history")
+        .iter()
+        .map(|r| r["telemetry"]["n"].as_i64().unwrap())
+        .collect();
+    numbers.sort_unstable();
+    assert_eq!(
+        numbers,
+        (0..POINTS as i64).collect::<Vec<_>>(),
+        "every point exactly once in NetNeural (killed at {points_at_kill} points, {golioth_at_kill} Golioth devices)"
+    );
+    for d in 0..DEVICES {
+        let hw = Value::from(format!("kill-{d}"));
+        let has =
+            |row: &Value, field: &str| row[field].as_array().is_some_and(|ids| ids.contains(&hw));
+        let in_golioth = golioth
+            .devices()
+            .iter()
+            .filter(|g| has(g, "hardwareIds"))
+            .count();
+        let in_netneural = nn
+            .rows("devices")
+            .iter()
+            .filter(|n| has(n, "hardware_ids"))
+            .count();
+        assert_eq!(
+            (in_golioth, in_netneural),
+            (1, 1),
+            "devices with hardware id {hw}"
+        );
+    }
+    assert_eq!(golioth.device_count() as u64, DEVICES);
+    assert_eq!(nn.count("devices") as u64, DEVICES);
+    assert!(second.stop(), "{}", second_log(&dir));
+}
+
+fn second_log(dir: &tempfile::TempDir) -> String {
+    std::fs::read_to_string(dir.path().join("second.log")).unwrap_or_default()
 }

@@ -23,7 +23,7 @@ use super::netneural::{self, NetNeural, SyncDirection};
 use super::{CloudError, Failure};
 use crate::config::IdTemplate;
 use crate::model::{Target, UnixMillis};
-use crate::outbox::{OutPoint, Summary, Uplink};
+use crate::outbox::{OutPoint, Registered, Summary, Uplink};
 use crate::store::{DeviceIdent, OutboxRow};
 
 /// How long a device's sync direction is trusted before it is read again.
@@ -81,13 +81,21 @@ impl Uplink for GoliothUplink {
         self.client.probe().await
     }
 
-    async fn register(&self, device: &DeviceIdent) -> Result<String, CloudError> {
+    async fn register(
+        &self,
+        device: &DeviceIdent,
+        _row: Option<&OutboxRow>,
+    ) -> Result<Registered, CloudError> {
+        // Golioth's create takes no LightDB State: the row goes in its own PUT.
         let hw = self.identity.of(device);
-        Ok(self.client.register(&hw, &hw, &[]).await?.id.0)
+        Ok(Registered {
+            id: self.client.register(&hw, &hw, &[]).await?.id.0,
+            delivered: false,
+        })
     }
 
-    async fn accepts(&self, _remote_id: &str) -> Result<bool, CloudError> {
-        Ok(true)
+    async fn accepts(&self, remote_ids: &[&str]) -> Result<Vec<bool>, CloudError> {
+        Ok(vec![true; remote_ids.len()])
     }
 
     async fn send_row(&self, remote_id: &str, row: &OutboxRow) -> Result<(), CloudError> {
@@ -150,43 +158,92 @@ impl Uplink for NetNeuralUplink {
         self.client.probe().await
     }
 
-    async fn register(&self, device: &DeviceIdent) -> Result<String, CloudError> {
+    async fn register(
+        &self,
+        device: &DeviceIdent,
+        row: Option<&OutboxRow>,
+    ) -> Result<Registered, CloudError> {
         let hw = self.identity.of(device);
         // Look up first: `hardware_ids` has no unique constraint, so a create after a crash
         // between an earlier create and our commit would make a second device.
         if let Some(found) = self.client.find_by_hardware_id(&hw).await? {
-            return Ok(found.id.0);
+            return Ok(Registered {
+                id: found.id.0,
+                delivered: false,
+            });
+        }
+        // A new device carries its reported state in the create: one request, not a read and
+        // a conditional write (nobody else can have written its metadata yet).
+        let mut metadata = serde_json::Map::new();
+        let carried = row.filter(|r| r.operation == "reported_state");
+        if let Some(r) = carried {
+            metadata.insert(
+                netneural::METADATA_REPORTED.to_owned(),
+                r.payload.clone().unwrap_or(Value::Null),
+            );
         }
         let new = netneural::NewDevice {
             name: hw.clone(),
             hardware_ids: vec![hw],
             external_device_id: device.golioth_id.clone(),
+            metadata,
             ..Default::default()
         };
-        Ok(self.client.create_device(&new).await?.id.0)
+        let created = self.client.create_device(&new).await?;
+        // On a 409 the client returns the device another writer made: its metadata is then
+        // not what we sent, and it may have an assignment.
+        let ours = created.metadata == new.metadata;
+        if ours {
+            // Just created: no assignment can name it yet, so it syncs (no read needed).
+            self.directions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(created.id.0.clone(), (true, Instant::now()));
+        }
+        let delivered = ours && carried.is_some();
+        Ok(Registered {
+            id: created.id.0,
+            delivered,
+        })
     }
 
-    async fn accepts(&self, remote_id: &str) -> Result<bool, CloudError> {
-        if let Some((ok, at)) = self
-            .directions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(remote_id)
-            && at.elapsed() < DIRECTION_TTL
+    async fn accepts(&self, remote_ids: &[&str]) -> Result<Vec<bool>, CloudError> {
+        let mut known: HashMap<&str, bool> = HashMap::new();
+        let mut unknown: Vec<netneural::DeviceId> = Vec::new();
         {
-            return Ok(*ok);
+            let directions = self.directions.lock().unwrap_or_else(|p| p.into_inner());
+            for id in remote_ids {
+                match directions.get(*id) {
+                    Some((ok, at)) if at.elapsed() < DIRECTION_TTL => {
+                        known.insert(id, *ok);
+                    }
+                    _ => unknown.push(netneural::DeviceId((*id).to_owned())),
+                }
+            }
         }
-        let id = netneural::DeviceId(remote_id.to_owned());
-        let assignments = self.client.assignments(std::slice::from_ref(&id)).await?;
-        let ok = assignments
+        if !unknown.is_empty() {
+            // One read for all of them (the client chunks long lists).
+            let assignments = self.client.assignments(&unknown).await?;
+            let mut directions = self.directions.lock().unwrap_or_else(|p| p.into_inner());
+            for id in &unknown {
+                let ok = assignments
+                    .iter()
+                    .find(|a| a.device_id == *id)
+                    .is_none_or(|a| {
+                        a.direction.imports() || a.direction == SyncDirection::Bidirectional
+                    });
+                directions.insert(id.0.clone(), (ok, Instant::now()));
+            }
+            for id in remote_ids {
+                if let Some((ok, _)) = directions.get(*id) {
+                    known.entry(id).or_insert(*ok);
+                }
+            }
+        }
+        Ok(remote_ids
             .iter()
-            .find(|a| a.device_id == id)
-            .is_none_or(|a| a.direction.imports() || a.direction == SyncDirection::Bidirectional);
-        self.directions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(remote_id.to_owned(), (ok, Instant::now()));
-        Ok(ok)
+            .map(|id| known.get(id).copied().unwrap_or(true))
+            .collect())
     }
 
     async fn send_row(&self, remote_id: &str, row: &OutboxRow) -> Result<(), CloudError> {

@@ -61,6 +61,40 @@ pub struct TelemetryItem {
     pub payload: Value,
 }
 
+/// How a taken row ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Settlement {
+    /// Delivered (or owed no more): the row goes.
+    Done,
+    /// Failed; tried again at `at`. `counted` adds one to its attempts.
+    Retry {
+        at: UnixMillis,
+        error: String,
+        counted: bool,
+    },
+    /// Refused for good: kept as dead, with the cloud's error, for the operator.
+    Dead(String),
+}
+
+/// What becomes of the device's id in the row's cloud when the row settles.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RemoteIdChange {
+    Keep,
+    /// Found or created there: stored in the transaction that settles the row, so a crash
+    /// between the create and this commit only costs a lookup, never a duplicate.
+    Set(String),
+    /// The device no longer exists there: registered again next time.
+    Clear,
+}
+
+/// A taken row and how it ends ([`Db::settle_and_take`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settled {
+    pub row: OutboxRow,
+    pub remote_id: RemoteIdChange,
+    pub how: Settlement,
+}
+
 /// One row of `nn-gateway queue`.
 #[derive(Clone, Debug, Serialize)]
 pub struct QueueRow {
@@ -98,56 +132,38 @@ fn key_of(s: String) -> rusqlite::Result<DeviceKey> {
 }
 
 impl Db {
-    /// Takes up to `limit` due rows of `target` (marking them in flight), oldest due first,
-    /// skipping devices that already have a row in flight there.
+    /// Settles the rows a lane has finished with and takes up to `limit` due rows of `target`
+    /// (marking them in flight), oldest due first, skipping devices that have a row in flight
+    /// there — all in **one transaction**, so a lane pays one commit (one fsync with
+    /// `synchronous=full`) per batch of answers, not one per row.
+    pub fn settle_and_take(
+        &mut self,
+        target: Target,
+        settled: &[Settled],
+        now: UnixMillis,
+        limit: usize,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        let tx = self.write_tx()?;
+        for s in settled {
+            settle_row(&tx, s)?;
+        }
+        let rows = if limit == 0 {
+            Vec::new()
+        } else {
+            take_due(&tx, target, now, limit)?
+        };
+        tx.commit()?;
+        Ok(rows)
+    }
+
+    /// Takes up to `limit` due rows of `target` (see [`Db::settle_and_take`]).
     pub fn take_due(
         &mut self,
         target: Target,
         now: UnixMillis,
         limit: usize,
     ) -> Result<Vec<OutboxRow>, StoreError> {
-        let tx = self.write_tx()?;
-        let rows = {
-            let mut stmt = tx.prepare_cached(
-                "SELECT o.id, o.operation, o.payload, o.idempotency_key, o.attempts,
-                        d.id, d.key, d.golioth_id, d.netneural_id
-                 FROM outbox o JOIN device d ON d.id = o.device_id
-                 WHERE o.target = ?1 AND o.state = 'pending' AND o.next_attempt_at <= ?2
-                   AND NOT EXISTS (SELECT 1 FROM outbox f WHERE f.target = o.target
-                                   AND f.device_id = o.device_id AND f.state = 'in_flight')
-                 ORDER BY o.next_attempt_at, o.id LIMIT ?3",
-            )?;
-            let mut seen = std::collections::HashSet::new();
-            stmt.query_map(params![target.as_str(), now.0, limit as i64], |r| {
-                Ok(OutboxRow {
-                    id: r.get(0)?,
-                    target,
-                    operation: r.get(1)?,
-                    payload: r.get::<_, Option<String>>(2)?.map(|s| parse_doc(&s)),
-                    idempotency_key: r.get(3)?,
-                    attempts: r.get::<_, i64>(4)?.try_into().unwrap_or(u32::MAX),
-                    device: DeviceIdent {
-                        id: r.get(5)?,
-                        key: key_of(r.get(6)?)?,
-                        golioth_id: r.get(7)?,
-                        netneural_id: r.get(8)?,
-                    },
-                })
-            })?
-            .collect::<Result<Vec<_>, _>>()?
-            .into_iter()
-            // One row per device at a time, even within one take.
-            .filter(|row| seen.insert(row.device.id))
-            .collect::<Vec<_>>()
-        };
-        for row in &rows {
-            tx.prepare_cached(
-                "UPDATE outbox SET state = 'in_flight', updated_at = ?2 WHERE id = ?1",
-            )?
-            .execute(params![row.id, now.0])?;
-        }
-        tx.commit()?;
-        Ok(rows)
+        self.settle_and_take(target, &[], now, limit)
     }
 
     /// When the next pending row of `target` is due, if there is one.
@@ -162,87 +178,15 @@ impl Db {
             .map(UnixMillis))
     }
 
-    /// A row was delivered: it goes, and the device's id in that cloud is stored with it.
-    pub fn row_done(&mut self, row: &OutboxRow, remote_id: Option<&str>) -> Result<(), StoreError> {
-        let tx = self.write_tx()?;
-        if let Some(id) = remote_id {
-            set_remote_id(&tx, row.device.id, row.target, id)?;
-        }
-        tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?
-            .execute([row.id])?;
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// A row failed and will be tried again at `at`. If a newer value for the same device
-    /// arrived meanwhile (reported state coalesces), this one is superseded and goes instead.
-    pub fn row_retry(
+    /// Stores (or, with `None`, forgets) devices' ids in a cloud, in one transaction.
+    pub fn set_remote_ids(
         &mut self,
-        row: &OutboxRow,
-        at: UnixMillis,
-        error: &str,
-        counts_attempt: bool,
-    ) -> Result<(), StoreError> {
-        let tx = self.write_tx()?;
-        let superseded = row.operation == "reported_state"
-            && tx
-                .prepare_cached(
-                    "SELECT 1 FROM outbox WHERE target = ?1 AND device_id = ?2 AND state = 'pending'
-                       AND operation = 'reported_state' AND id <> ?3",
-                )?
-                .query_row(
-                    params![row.target.as_str(), row.device.id, row.id],
-                    |_| Ok(()),
-                )
-                .optional()?
-                .is_some();
-        if superseded {
-            tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?
-                .execute([row.id])?;
-        } else {
-            tx.prepare_cached(
-                "UPDATE outbox SET state = 'pending', attempts = attempts + ?2, next_attempt_at = ?3,
-                        last_error = ?4, updated_at = ?5 WHERE id = ?1",
-            )?
-            .execute(params![
-                row.id,
-                i64::from(counts_attempt),
-                at.0,
-                error,
-                UnixMillis::now().0
-            ])?;
-        }
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// A row the cloud refused for good: kept as dead, with the cloud's error, for the operator.
-    pub fn row_dead(&mut self, row: &OutboxRow, error: &str) -> Result<(), StoreError> {
-        self.conn.execute(
-            "UPDATE outbox SET state = 'dead', attempts = attempts + 1, last_error = ?2,
-                    updated_at = ?3 WHERE id = ?1",
-            params![row.id, error, UnixMillis::now().0],
-        )?;
-        Ok(())
-    }
-
-    /// Stores a device's id in a cloud (found or created there).
-    pub fn set_remote_id(
-        &mut self,
-        device_id: i64,
         target: Target,
-        remote_id: Option<&str>,
+        ids: &[(i64, Option<String>)],
     ) -> Result<(), StoreError> {
         let tx = self.write_tx()?;
-        match remote_id {
-            Some(id) => set_remote_id(&tx, device_id, target, id)?,
-            None => {
-                let sql = match target {
-                    Target::Golioth => "UPDATE device SET golioth_id = NULL WHERE id = ?1",
-                    Target::NetNeural => "UPDATE device SET netneural_id = NULL WHERE id = ?1",
-                };
-                tx.execute(sql, [device_id])?;
-            }
+        for (device_id, remote_id) in ids {
+            set_remote_id(&tx, *device_id, target, remote_id.as_deref())?;
         }
         tx.commit()?;
         Ok(())
@@ -527,7 +471,7 @@ fn set_remote_id(
     tx: &Transaction<'_>,
     device_id: i64,
     target: Target,
-    remote_id: &str,
+    remote_id: Option<&str>,
 ) -> rusqlite::Result<()> {
     let sql = match target {
         Target::Golioth => "UPDATE device SET golioth_id = ?2 WHERE id = ?1",
@@ -536,4 +480,218 @@ fn set_remote_id(
     tx.prepare_cached(sql)?
         .execute(params![device_id, remote_id])?;
     Ok(())
+}
+
+fn take_due(
+    tx: &Transaction<'_>,
+    target: Target,
+    now: UnixMillis,
+    limit: usize,
+) -> Result<Vec<OutboxRow>, StoreError> {
+    let rows = {
+        let mut stmt = tx.prepare_cached(
+            "SELECT o.id, o.operation, o.payload, o.idempotency_key, o.attempts,
+                    d.id, d.key, d.golioth_id, d.netneural_id
+             FROM outbox o JOIN device d ON d.id = o.device_id
+             WHERE o.target = ?1 AND o.state = 'pending' AND o.next_attempt_at <= ?2
+               AND NOT EXISTS (SELECT 1 FROM outbox f WHERE f.target = o.target
+                               AND f.device_id = o.device_id AND f.state = 'in_flight')
+             ORDER BY o.next_attempt_at, o.id LIMIT ?3",
+        )?;
+        let mut seen = std::collections::HashSet::new();
+        stmt.query_map(params![target.as_str(), now.0, limit as i64], |r| {
+            Ok(OutboxRow {
+                id: r.get(0)?,
+                target,
+                operation: r.get(1)?,
+                payload: r.get::<_, Option<String>>(2)?.map(|s| parse_doc(&s)),
+                idempotency_key: r.get(3)?,
+                attempts: r.get::<_, i64>(4)?.try_into().unwrap_or(u32::MAX),
+                device: DeviceIdent {
+                    id: r.get(5)?,
+                    key: key_of(r.get(6)?)?,
+                    golioth_id: r.get(7)?,
+                    netneural_id: r.get(8)?,
+                },
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        // One row per device at a time, even within one take.
+        .filter(|row| seen.insert(row.device.id))
+        .collect::<Vec<_>>()
+    };
+    let mut mark =
+        tx.prepare_cached("UPDATE outbox SET state = 'in_flight', updated_at = ?2 WHERE id = ?1")?;
+    for row in &rows {
+        mark.execute(params![row.id, now.0])?;
+    }
+    Ok(rows)
+}
+
+/// One settled row: the device's remote id change first, so that it commits with the row.
+fn settle_row(tx: &Transaction<'_>, s: &Settled) -> rusqlite::Result<()> {
+    let row = &s.row;
+    match &s.remote_id {
+        RemoteIdChange::Keep => {}
+        RemoteIdChange::Set(id) => set_remote_id(tx, row.device.id, row.target, Some(id))?,
+        RemoteIdChange::Clear => set_remote_id(tx, row.device.id, row.target, None)?,
+    }
+    let now = UnixMillis::now().0;
+    match &s.how {
+        Settlement::Done => {
+            tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?
+                .execute([row.id])?;
+        }
+        Settlement::Retry { at, error, counted } => {
+            // If a newer value for the same device arrived meanwhile (reported state
+            // coalesces), this one is superseded and goes instead.
+            let superseded = row.operation == "reported_state"
+                && tx
+                    .prepare_cached(
+                        "SELECT 1 FROM outbox WHERE target = ?1 AND device_id = ?2 AND state = 'pending'
+                           AND operation = 'reported_state' AND id <> ?3",
+                    )?
+                    .query_row(
+                        params![row.target.as_str(), row.device.id, row.id],
+                        |_| Ok(()),
+                    )
+                    .optional()?
+                    .is_some();
+            if superseded {
+                tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?
+                    .execute([row.id])?;
+            } else {
+                tx.prepare_cached(
+                    "UPDATE outbox SET state = 'pending', attempts = attempts + ?2, next_attempt_at = ?3,
+                            last_error = ?4, updated_at = ?5 WHERE id = ?1",
+                )?
+                .execute(params![row.id, i64::from(*counted), at.0, error, now])?;
+            }
+        }
+        Settlement::Dead(error) => {
+            tx.prepare_cached(
+                "UPDATE outbox SET state = 'dead', attempts = attempts + 1, last_error = ?2,
+                        updated_at = ?3 WHERE id = ?1",
+            )?
+            .execute(params![row.id, error, now])?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Synchronous;
+    use crate::store::OpenOptions;
+
+    /// A database with devices `d0..d{n-1}`, each with a reported-state row owed to NetNeural.
+    fn owed(dir: &std::path::Path, n: usize) -> Db {
+        let opts = OpenOptions {
+            synchronous: Synchronous::Normal,
+            targets: vec![Target::NetNeural],
+            rejected_keep: 3,
+        };
+        let db = Db::open(&dir.join("gateway.db"), &opts).unwrap();
+        for d in 0..n {
+            db.conn
+                .execute(
+                    "INSERT INTO device(key, origin, first_seen) VALUES (?1, 'mqtt', 0)",
+                    [format!("d{d}")],
+                )
+                .unwrap();
+            db.conn
+                .execute(
+                    "INSERT INTO outbox(target, operation, device_id, payload, idempotency_key,
+                                        next_attempt_at, created_at, updated_at)
+                     VALUES ('netneural', 'reported_state', ?1, ?2, ?3, 0, 0, 0)",
+                    params![
+                        db.conn.last_insert_rowid(),
+                        format!(r#"{{"n":{d}}}"#),
+                        format!("st:{d}")
+                    ],
+                )
+                .unwrap();
+        }
+        db
+    }
+
+    fn row_of(db: &Db, device: &str) -> Option<(String, i64, Option<String>)> {
+        db.conn
+            .query_row(
+                "SELECT o.state, o.attempts, o.last_error FROM outbox o JOIN device d
+                 ON d.id = o.device_id WHERE d.key = ?1",
+                [device],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .unwrap()
+    }
+
+    #[test]
+    fn answers_settle_and_the_next_rows_are_taken_in_one_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = owed(dir.path(), 3);
+        let now = UnixMillis::now();
+        let first = db.take_due(Target::NetNeural, now, 2).unwrap();
+        let keys: Vec<&str> = first.iter().map(|r| r.device.key.as_str()).collect();
+        assert_eq!(keys, ["d0", "d1"]);
+
+        let settled = [
+            Settled {
+                row: first[0].clone(),
+                remote_id: RemoteIdChange::Set("u-0".into()),
+                how: Settlement::Done,
+            },
+            Settled {
+                row: first[1].clone(),
+                remote_id: RemoteIdChange::Keep,
+                how: Settlement::Retry {
+                    at: UnixMillis(now.0 + 60_000),
+                    error: "HTTP 500".into(),
+                    counted: true,
+                },
+            },
+        ];
+        let next = db
+            .settle_and_take(Target::NetNeural, &settled, now, 10)
+            .unwrap();
+        // The retried row is not due yet; the third device's row is.
+        let keys: Vec<&str> = next.iter().map(|r| r.device.key.as_str()).collect();
+        assert_eq!(keys, ["d2"]);
+        assert_eq!(row_of(&db, "d0"), None, "delivered: gone");
+        let id: Option<String> = db
+            .conn
+            .query_row(
+                "SELECT netneural_id FROM device WHERE key = 'd0'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(
+            id.as_deref(),
+            Some("u-0"),
+            "stored with the row's settlement"
+        );
+        assert_eq!(
+            row_of(&db, "d1"),
+            Some(("pending".into(), 1, Some("HTTP 500".into())))
+        );
+
+        let dead = [Settled {
+            row: next[0].clone(),
+            remote_id: RemoteIdChange::Keep,
+            how: Settlement::Dead("HTTP 400".into()),
+        }];
+        assert!(
+            db.settle_and_take(Target::NetNeural, &dead, now, 10)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            row_of(&db, "d2"),
+            Some(("dead".into(), 1, Some("HTTP 400".into())))
+        );
+    }
 }

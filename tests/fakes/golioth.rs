@@ -16,6 +16,8 @@
 //!
 //! [`touch`]: FakeGolioth::touch
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::{Map, Value, json};
@@ -64,6 +66,27 @@ type Failed = (u16, String);
 struct Project {
     devices: Vec<Device>,
     tags: Vec<Tag>,
+    /// Where each device is in `devices`; `None` after anything but a create changed the list
+    /// (rebuilt on the next lookup), so lookups in a large project cost no scan.
+    lookup: RefCell<Option<Lookup>>,
+}
+
+/// Positions in [`Project::devices`] by id, name and hardware id.
+#[derive(Debug, Default)]
+struct Lookup {
+    by_id: HashMap<String, usize>,
+    by_name: HashMap<String, usize>,
+    by_hw: HashMap<String, usize>,
+}
+
+impl Lookup {
+    fn add(&mut self, i: usize, d: &Device) {
+        self.by_id.insert(d.id.clone(), i);
+        self.by_name.insert(d.name.clone(), i);
+        for h in &d.hardware_ids {
+            self.by_hw.insert(h.clone(), i);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -294,34 +317,49 @@ fn list_envelope(items: Vec<Value>, page: i64, per_page: i64) -> Value {
 }
 
 impl Project {
-    fn device(&self, id: &str) -> Result<&Device, Failed> {
-        self.devices
-            .iter()
-            .find(|d| d.id == id)
+    fn with_lookup<R>(&self, f: impl FnOnce(&Lookup) -> R) -> R {
+        let mut slot = self.lookup.borrow_mut();
+        let lookup = slot.get_or_insert_with(|| {
+            let mut l = Lookup::default();
+            for (i, d) in self.devices.iter().enumerate() {
+                l.add(i, d);
+            }
+            l
+        });
+        f(lookup)
+    }
+
+    /// The device list changed other than by a create.
+    fn changed(&mut self) {
+        *self.lookup.get_mut() = None;
+    }
+
+    fn position(&self, id: &str) -> Result<usize, Failed> {
+        self.with_lookup(|l| l.by_id.get(id).copied())
             .ok_or_else(|| (404, format!("device {id} not found")))
+    }
+
+    fn device(&self, id: &str) -> Result<&Device, Failed> {
+        Ok(&self.devices[self.position(id)?])
     }
 
     fn device_mut(&mut self, id: &str) -> Result<&mut Device, Failed> {
-        self.devices
-            .iter_mut()
-            .find(|d| d.id == id)
-            .ok_or_else(|| (404, format!("device {id} not found")))
+        let i = self.position(id)?;
+        Ok(&mut self.devices[i])
     }
 
     fn check_unique(&self, except: Option<&str>, name: &str, hw: &[String]) -> Result<(), Failed> {
-        for d in self
-            .devices
-            .iter()
-            .filter(|d| Some(d.id.as_str()) != except)
-        {
-            if d.name == name {
+        let other =
+            |i: Option<&usize>| i.is_some_and(|i| Some(self.devices[*i].id.as_str()) != except);
+        self.with_lookup(|l| {
+            if other(l.by_name.get(name)) {
                 return Err((409, format!("device with name \"{name}\" already exists")));
             }
-            if let Some(h) = hw.iter().find(|h| d.hardware_ids.contains(h)) {
+            if let Some(h) = hw.iter().find(|h| other(l.by_hw.get(h.as_str()))) {
                 return Err((409, format!("hardware ID \"{h}\" already exists")));
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     fn check_tags(&self, tag_ids: &[String]) -> Result<(), Failed> {
@@ -359,7 +397,11 @@ impl Project {
             last_seen_online: None,
             state: Value::Object(Map::new()),
         });
-        Ok(self.devices.last().expect("just pushed"))
+        let i = self.devices.len() - 1;
+        if let Some(l) = self.lookup.get_mut() {
+            l.add(i, &self.devices[i]);
+        }
+        Ok(&self.devices[i])
     }
 
     /// `goliothDeviceUpdate`: full lists replace; `add…`/`remove…` edit; absent fields stay.
@@ -412,9 +454,10 @@ impl Project {
         self.check_unique(Some(id), &d.name, &d.hardware_ids)?;
         self.check_tags(&d.tag_ids)?;
         d.updated_at = OffsetDateTime::now_utc();
-        let slot = self.device_mut(id)?;
-        *slot = d;
-        Ok(slot)
+        let i = self.position(id)?;
+        self.devices[i] = d;
+        self.changed();
+        Ok(&self.devices[i])
     }
 
     fn list_devices(&self, pairs: &[(String, String)]) -> Result<Value, Failed> {
@@ -439,15 +482,24 @@ impl Project {
             ),
         };
         let state_path = one("statePath").map(segments);
-        let items = self
-            .devices
-            .iter()
-            .filter(|d| one("hardwareId").is_none_or(|h| d.hardware_ids.iter().any(|x| x == h)))
-            .filter(|d| one("deviceName").is_none_or(|n| d.name == n))
+        // Read once, not per device: a lookup in a large project stays cheap.
+        let (hardware_id, name, term) = (one("hardwareId"), one("deviceName"), one("term"));
+        let found: Vec<&Device> = match hardware_id {
+            Some(h) => self
+                .with_lookup(|l| l.by_hw.get(h).copied())
+                .map(|i| &self.devices[i])
+                .into_iter()
+                .collect(),
+            None => self.devices.iter().collect(),
+        };
+        let items = found
+            .into_iter()
+            .filter(|d| hardware_id.is_none_or(|h| d.hardware_ids.iter().any(|x| x == h)))
+            .filter(|d| name.is_none_or(|n| d.name == n))
             .filter(|d| tags.iter().all(|t| d.tag_ids.iter().any(|x| x == t)))
             .filter(|d| enabled.is_none_or(|e| d.enabled == e))
             .filter(|d| {
-                one("term").is_none_or(|t| {
+                term.is_none_or(|t| {
                     d.name.contains(t) || d.hardware_ids.iter().any(|h| h.contains(t))
                 })
             })
@@ -512,6 +564,7 @@ impl Golioth {
             ("DELETE", ["devices", id]) => {
                 p.device(id)?;
                 p.devices.retain(|d| d.id != *id);
+                p.changed();
                 Ok(json!({}))
             }
             (_, ["devices", id, "data", path @ ..]) if !path.is_empty() => {
@@ -710,7 +763,9 @@ impl FakeGolioth {
     }
 
     pub fn delete_device(&self, id: &str) {
-        self.api.lock().devices.retain(|d| d.id != id);
+        let mut p = self.api.lock();
+        p.devices.retain(|d| d.id != id);
+        p.changed();
     }
 
     /// Creates a tag; returns its id. Panics on a duplicate name.

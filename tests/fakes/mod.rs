@@ -7,6 +7,8 @@
 //!   tables of DESIGN.md §5, with their unique, foreign-key, not-null and check constraints.
 //! - [`faults`]: what both share to misbehave (status answers, delays, dropped connections,
 //!   responses lost after the write, poisoned payloads, a revocable key) and the request log.
+//! - [`rig`]: the other side: a pre-filled gateway database and the real `nn-gateway` binary
+//!   run against the fakes (for crash tests and the uplink benchmark).
 //!
 //! Use from a test file with `mod fakes;`. Everything runs on the test's tokio runtime; a
 //! fake stops when dropped.
@@ -16,6 +18,7 @@ pub mod faults;
 pub mod golioth;
 pub mod netneural;
 mod postgrest;
+pub mod rig;
 mod server;
 
 pub use faults::{Answer, Fault, Faults, Logged, Mark, Match};
@@ -35,7 +38,11 @@ fn uuid_v4() -> String {
     let mut b: [u8; 16] = fastrand::u128(..).to_be_bytes();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    let mut h = String::with_capacity(32);
+    for x in b {
+        use std::fmt::Write as _;
+        let _ = write!(h, "{x:02x}");
+    }
     format!(
         "{}-{}-{}-{}-{}",
         &h[0..8],

@@ -16,14 +16,16 @@
 //! A deleted device takes its assignments, telemetry and conflicts with it (ON DELETE
 //! CASCADE); sync log rows keep the row with `device_id` NULL.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
 
 use super::faults::Faults;
-use super::postgrest::{Kind, PgError, Prefer, Query, coerce, format_timestamp};
+use super::postgrest::{
+    Filter, Kind, Op, PgError, Prefer, Query, array_literal, coerce, format_timestamp,
+};
 use super::server::{Api, Request, Response, Server};
 use super::uuid_v4;
 
@@ -280,6 +282,14 @@ struct Db {
     rows: BTreeMap<&'static str, Vec<Row>>,
     /// The last server timestamp handed out: each is at least a microsecond later.
     last_now: OffsetDateTime,
+    /// Per (table, unique constraint index): the key of every stored row → its position. Built
+    /// when an insert first needs it, kept up to date by inserts, dropped for a table whenever
+    /// anything else changes it (so a bulk insert into a large table costs its own rows, not
+    /// the table's).
+    index: HashMap<(&'static str, usize), HashMap<String, usize>>,
+    /// Per (table, text[] column): each element → the rows holding it, kept like `index`, so
+    /// that `hardware_ids=cs.{X}` reads the rows that hold X, not the whole table.
+    elements: HashMap<(&'static str, &'static str), HashMap<String, Vec<usize>>>,
 }
 
 /// How conflicts on the target constraint are settled.
@@ -314,6 +324,8 @@ impl Db {
             tables,
             rows,
             last_now: OffsetDateTime::UNIX_EPOCH,
+            index: HashMap::new(),
+            elements: HashMap::new(),
         }
     }
 
@@ -322,6 +334,132 @@ impl Db {
             .iter()
             .find(|t| t.name == name)
             .ok_or_else(|| unknown_table(name))
+    }
+
+    /// A row's key on `cols`, or `None` when one is NULL (NULLs are never equal).
+    fn key(row: &Row, cols: &[&str]) -> Option<String> {
+        let mut key = String::new();
+        for c in cols {
+            match row.get(*c) {
+                None | Some(Value::Null) => return None,
+                Some(v) => {
+                    key.push_str(&v.to_string());
+                    key.push('\u{1f}');
+                }
+            }
+        }
+        Some(key)
+    }
+
+    /// Builds the unique indexes of `table` that are missing.
+    fn ensure_index(&mut self, table: &'static str) {
+        let t = self
+            .tables
+            .iter()
+            .find(|t| t.name == table)
+            .expect("a table");
+        for (u, cols) in t.unique.iter().enumerate() {
+            if self.index.contains_key(&(table, u)) {
+                continue;
+            }
+            let map = self.rows[table]
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| Db::key(r, cols).map(|k| (k, i)))
+                .collect();
+            self.index.insert((table, u), map);
+        }
+    }
+
+    /// Replaces a table's rows (after an update, a delete, a merge): its indexes go.
+    fn replace_rows(&mut self, table: &'static str, rows: Vec<Row>) {
+        self.rows.insert(table, rows);
+        self.forget_indexes(table);
+    }
+
+    fn forget_indexes(&mut self, table: &str) {
+        self.index.retain(|(t, _), _| *t != table);
+        self.elements.retain(|(t, _), _| *t != table);
+    }
+
+    /// Adds row `i` of `table` to the element indexes built for it.
+    fn index_elements(&mut self, table: &'static str, i: usize) {
+        let row = &self.rows[table][i];
+        for ((t, col), map) in self.elements.iter_mut() {
+            if *t != table {
+                continue;
+            }
+            for e in row
+                .get(*col)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if let Some(e) = e.as_str() {
+                    map.entry(e.to_owned()).or_default().push(i);
+                }
+            }
+        }
+    }
+
+    /// The positions of the only rows that can match `q`, in order, when a filter allows an
+    /// index to say (`id=eq.X`, `col=cs.{X,…}` on a text[] column); `None` to read them all.
+    /// The caller still tests every filter on them.
+    fn candidates(&mut self, table: &'static str, q: &Query) -> Option<Vec<usize>> {
+        for f in &q.filters {
+            let Filter::Cond {
+                col,
+                negate: false,
+                op,
+                value,
+            } = f
+            else {
+                continue;
+            };
+            let t = self.table(table).ok()?;
+            match op {
+                Op::Eq if col == "id" && super::postgrest::is_uuid(value) => {
+                    self.ensure_index(table);
+                    let key = Db::key(
+                        &Row::from_iter([(
+                            "id".to_owned(),
+                            Value::from(value.to_ascii_lowercase()),
+                        )]),
+                        &["id"],
+                    )?;
+                    return Some(
+                        self.index[&(table, 0)]
+                            .get(&key)
+                            .copied()
+                            .into_iter()
+                            .collect(),
+                    );
+                }
+                Op::Cs if t.kind(col) == Kind::TextArray => {
+                    let first = array_literal(value).ok()?.into_iter().next()?;
+                    let col: &'static str = t.column(col)?.name;
+                    if !self.elements.contains_key(&(table, col)) {
+                        let mut map: HashMap<String, Vec<usize>> = HashMap::new();
+                        for (i, r) in self.rows[table].iter().enumerate() {
+                            for e in r.get(col).and_then(Value::as_array).into_iter().flatten() {
+                                if let Some(e) = e.as_str() {
+                                    map.entry(e.to_owned()).or_default().push(i);
+                                }
+                            }
+                        }
+                        self.elements.insert((table, col), map);
+                    }
+                    let mut at = self.elements[&(table, col)]
+                        .get(&first)
+                        .cloned()
+                        .unwrap_or_default();
+                    at.dedup();
+                    return Some(at);
+                }
+                _ => {}
+            }
+        }
+        None
     }
 
     fn now(&mut self) -> String {
@@ -374,7 +512,10 @@ impl Db {
                 ));
             }
             if let Some((parent, _)) = c.references {
-                let exists = self.rows[parent].iter().any(|r| r.get("id") == Some(v));
+                let exists = match self.index.get(&(parent, 0)) {
+                    Some(ids) => Db::key(row, &[c.name]).is_some_and(|k| ids.contains_key(&k)),
+                    None => self.rows[parent].iter().any(|r| r.get("id") == Some(v)),
+                };
                 if !exists {
                     let id = v.as_str().unwrap_or_default();
                     return Err(PgError::new(
@@ -520,6 +661,9 @@ impl Db {
             }
             None => t.unique[0].to_vec(),
         };
+        if resolution != Resolution::Merge {
+            return self.insert_new(table, objs, &keys, &target, resolution, prefer);
+        }
         let mut rows = self.rows[table].clone();
         let mut touched: Vec<usize> = Vec::new();
         for obj in objs {
@@ -570,20 +714,98 @@ impl Db {
             }
         }
         let out = touched.iter().map(|i| rows[*i].clone()).collect();
-        self.rows.insert(table, rows);
+        self.replace_rows(table, rows);
         Ok(out)
     }
 
-    fn select(&self, table: &str, q: &Query) -> Result<Vec<Row>, PgError> {
-        let t = self.table(table)?;
-        check_columns(t, q)?;
-        let kind = |c: &str| t.kind(c);
-        let mut out = Vec::new();
-        for r in &self.rows[t.name] {
-            if q.matches(r, &kind)? {
-                out.push(r.clone());
-            }
+    /// INSERT [ON CONFLICT (target) DO NOTHING]: the rows are checked against the unique
+    /// indexes and appended, all or nothing, without copying the table. Returns the rows
+    /// inserted when the answer is to show them.
+    fn insert_new(
+        &mut self,
+        table: &'static str,
+        objs: &[Row],
+        keys: &[String],
+        target: &[&'static str],
+        resolution: Resolution,
+        prefer: &Prefer,
+    ) -> Result<Vec<Row>, PgError> {
+        self.ensure_index(table);
+        let parents: Vec<&'static str> = self
+            .table(table)?
+            .columns
+            .iter()
+            .filter_map(|c| c.references.map(|r| r.0))
+            .collect();
+        for parent in parents {
+            self.ensure_index(parent);
         }
+        let uniques: Vec<&'static [&'static str]> = self.table(table)?.unique.clone();
+        let target_index = uniques.iter().position(|u| *u == target);
+        let base = self.rows[table].len();
+        let mut added: Vec<Row> = Vec::new();
+        let mut fresh: Vec<HashMap<String, usize>> = vec![HashMap::new(); uniques.len()];
+        for obj in objs {
+            let row = self.build_row(table, obj, keys, prefer.missing_default)?;
+            let taken = |db: &Db, fresh: &[HashMap<String, usize>], u: usize, row: &Row| {
+                Db::key(row, uniques[u]).is_some_and(|k| {
+                    db.index[&(table, u)].contains_key(&k) || fresh[u].contains_key(&k)
+                })
+            };
+            if resolution == Resolution::Ignore
+                && target_index.is_some_and(|u| taken(self, &fresh, u, &row))
+            {
+                continue; // DO NOTHING
+            }
+            let t = self.table(table)?;
+            self.check_row(t, &row)?;
+            for (u, cols) in uniques.iter().enumerate() {
+                if taken(self, &fresh, u, &row) {
+                    return Err(Db::unique_violation(t, cols, &row));
+                }
+            }
+            for (u, cols) in uniques.iter().enumerate() {
+                if let Some(k) = Db::key(&row, cols) {
+                    fresh[u].insert(k, base + added.len());
+                }
+            }
+            added.push(row);
+        }
+        for (u, map) in fresh.into_iter().enumerate() {
+            self.index
+                .get_mut(&(table, u))
+                .expect("built above")
+                .extend(map);
+        }
+        let out = if prefer.representation {
+            added.clone()
+        } else {
+            Vec::new()
+        };
+        self.rows.get_mut(table).expect("a table").extend(added);
+        for i in base..self.rows[table].len() {
+            self.index_elements(table, i);
+        }
+        Ok(out)
+    }
+
+    fn select(&mut self, table: &str, q: &Query) -> Result<Vec<Row>, PgError> {
+        let name = self.table(table)?.name;
+        check_columns(self.table(name)?, q)?;
+        let candidates = self.candidates(name, q);
+        let t = self.table(name)?;
+        let kind = |c: &str| t.kind(c);
+        let m = q.matcher(&kind)?;
+        let rows = &self.rows[t.name];
+        let mut out: Vec<Row> = match candidates {
+            Some(at) => at
+                .into_iter()
+                .map(|i| &rows[i])
+                .filter(|r| m.matches(r))
+                .cloned()
+                .collect(),
+            None => rows.iter().filter(|r| m.matches(r)).cloned().collect(),
+        };
         q.sort(&mut out, &kind);
         Ok(out)
     }
@@ -600,11 +822,11 @@ impl Db {
             values.push((k.clone(), coerce(c.kind, v)?));
         }
         let has_updated_at = t.has_updated_at();
+        let m = q.matcher(&|c| t.kind(c))?;
         let mut rows = self.rows[table].clone();
         let mut touched = Vec::new();
         for (i, row) in rows.iter_mut().enumerate() {
-            let t = self.table(table)?;
-            if !q.matches(row, &|c| t.kind(c))? {
+            if !m.matches(row) {
                 continue;
             }
             for (k, v) in &values {
@@ -626,7 +848,7 @@ impl Db {
             }
         }
         let out = touched.iter().map(|i| rows[*i].clone()).collect();
-        self.rows.insert(table, rows);
+        self.replace_rows(table, rows);
         Ok(out)
     }
 
@@ -636,15 +858,16 @@ impl Db {
         if q.filters.is_empty() {
             return Err(PgError::new(400, "21000", "DELETE requires a WHERE clause"));
         }
+        let m = q.matcher(&|c| t.kind(c))?;
         let (mut gone, mut kept) = (Vec::new(), Vec::new());
         for r in self.rows[table].clone() {
-            if q.matches(&r, &|c| t.kind(c))? {
+            if m.matches(&r) {
                 gone.push(r);
             } else {
                 kept.push(r);
             }
         }
-        self.rows.insert(table, kept);
+        self.replace_rows(table, kept);
         let ids: Vec<Value> = gone.iter().filter_map(|r| r.get("id").cloned()).collect();
         self.cascade(table, &ids);
         Ok(gone)
@@ -662,6 +885,7 @@ impl Db {
             })
             .collect();
         for (table, column, cascade) in refs {
+            self.forget_indexes(table);
             let rows = self.rows.get_mut(table).expect("a table");
             if cascade {
                 rows.retain(|r| !r.get(column).is_some_and(|v| ids.contains(v)));
@@ -739,6 +963,11 @@ impl NetNeural {
                 ));
             }
         };
+        // Read outside the lock: a bulk insert's body is the largest part of its work.
+        let mut body = match req.method.as_str() {
+            "POST" | "PATCH" => Some(serde_json::from_slice::<Value>(&req.body)),
+            _ => None,
+        };
         let mut db = self.lock();
         let table = db.table(name)?.name;
         let q = Query::parse(&req.query_pairs())?;
@@ -775,7 +1004,7 @@ impl NetNeural {
                     .with_header("content-range", &format!("{range}/{total}")));
             }
             "POST" => {
-                let body: Value = serde_json::from_slice(&req.body).map_err(|e| {
+                let body: Value = body.take().expect("read above").map_err(|e| {
                     PgError::new(400, "PGRST102", "Empty or invalid json").details(e.to_string())
                 })?;
                 let objs: Vec<Row> = match body {
@@ -793,7 +1022,7 @@ impl NetNeural {
                 (201, db.insert(table, &objs, &q, &prefer)?)
             }
             "PATCH" => {
-                let patch = match serde_json::from_slice::<Value>(&req.body) {
+                let patch = match body.take().expect("read above") {
                     Ok(Value::Object(o)) => o,
                     _ => return Err(PgError::new(400, "PGRST102", "Empty or invalid json")),
                 };
@@ -936,8 +1165,23 @@ impl FakeNetNeural {
         db.rows[t].iter().cloned().map(Value::Object).collect()
     }
 
+    /// Rows in `table` (without copying them: cheap on a large table).
     pub fn count(&self, table: &str) -> usize {
-        self.rows(table).len()
+        let db = self.api.lock();
+        let t = db.table(table).expect("a known table").name;
+        db.rows[t].len()
+    }
+
+    /// Distinct non-null values of `column` in `table` (without copying the rows).
+    pub fn distinct(&self, table: &str, column: &str) -> usize {
+        let db = self.api.lock();
+        let t = db.table(table).expect("a known table").name;
+        db.rows[t]
+            .iter()
+            .filter_map(|r| r.get(column).filter(|v| !v.is_null()))
+            .map(ToString::to_string)
+            .collect::<std::collections::HashSet<_>>()
+            .len()
     }
 
     /// The row of `table` with this `id`.
@@ -959,8 +1203,12 @@ impl FakeNetNeural {
         let obj = row.as_object().expect("a JSON object").clone();
         let mut db = self.api.lock();
         let t = db.table(table).expect("a known table").name;
+        let shown = Prefer {
+            representation: true,
+            ..Prefer::default()
+        };
         let mut out = db
-            .insert(t, &[obj], &Query::default(), &Prefer::default())
+            .insert(t, &[obj], &Query::default(), &shown)
             .unwrap_or_else(|e| panic!("insert into {table}: {e:?}"));
         Value::Object(out.remove(0))
     }

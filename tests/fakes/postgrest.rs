@@ -243,7 +243,22 @@ fn parse_logic(expr: &str) -> Result<Vec<Filter>, PgError> {
             let (col, cond) = part.split_once('.').ok_or_else(|| {
                 PgError::parse(format!("\"failed to parse logic tree ({expr})\""))
             })?;
-            parse_cond(col, cond)
+            // In a logic tree a value holding reserved characters is double-quoted; the
+            // quotes are not part of it.
+            Ok(match parse_cond(col, cond)? {
+                Filter::Cond {
+                    col,
+                    negate,
+                    op,
+                    value,
+                } if !matches!(op, Op::In(_)) => Filter::Cond {
+                    col,
+                    negate,
+                    op,
+                    value: unquote(&value),
+                },
+                other => other,
+            })
         })
         .collect()
 }
@@ -330,18 +345,16 @@ impl Query {
         out
     }
 
-    /// Whether `row` passes every filter (SQL: NULL is not true).
-    pub fn matches(
-        &self,
-        row: &Map<String, Value>,
-        kind: &dyn Fn(&str) -> Kind,
-    ) -> Result<bool, PgError> {
-        for f in &self.filters {
-            if eval(f, row, kind)? != Some(true) {
-                return Ok(false);
-            }
-        }
-        Ok(true)
+    /// The filters with their literals read once as their columns' types, ready to test
+    /// rows (reading them per row made a lookup in a large table needlessly slow). A literal
+    /// the column's type cannot read is Postgres's input error, as it is there.
+    pub fn matcher(&self, kind: &dyn Fn(&str) -> Kind) -> Result<Matcher, PgError> {
+        Ok(Matcher(
+            self.filters
+                .iter()
+                .map(|f| prepare(f, kind))
+                .collect::<Result<_, _>>()?,
+        ))
     }
 
     pub fn sort(&self, rows: &mut [Map<String, Value>], kind: &dyn Fn(&str) -> Kind) {
@@ -381,71 +394,157 @@ impl Query {
     }
 }
 
-fn eval(
-    f: &Filter,
-    row: &Map<String, Value>,
-    kind: &dyn Fn(&str) -> Kind,
-) -> Result<Option<bool>, PgError> {
-    match f {
-        Filter::Or(fs) => {
-            let mut any_null = false;
-            for f in fs {
-                match eval(f, row, kind)? {
-                    Some(true) => return Ok(Some(true)),
-                    None => any_null = true,
-                    Some(false) => {}
-                }
-            }
-            Ok(if any_null { None } else { Some(false) })
-        }
-        Filter::And(fs) => {
-            let mut any_null = false;
-            for f in fs {
-                match eval(f, row, kind)? {
-                    Some(false) => return Ok(Some(false)),
-                    None => any_null = true,
-                    Some(true) => {}
-                }
-            }
-            Ok(if any_null { None } else { Some(true) })
-        }
+/// Filters prepared by [`Query::matcher`].
+#[derive(Clone, Debug)]
+pub(super) struct Matcher(Vec<Pred>);
+
+impl Matcher {
+    /// Whether `row` passes every filter (SQL: NULL is not true).
+    pub fn matches(&self, row: &Map<String, Value>) -> bool {
+        self.0.iter().all(|p| eval(p, row) == Some(true))
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Pred {
+    Cond {
+        col: String,
+        negate: bool,
+        test: Test,
+    },
+    Or(Vec<Pred>),
+    And(Vec<Pred>),
+}
+
+#[derive(Clone, Debug)]
+enum Test {
+    Is(Option<bool>),
+    In(Kind, Vec<Value>),
+    ContainsArray(Vec<String>),
+    ContainsJson(Value),
+    Like {
+        case: bool,
+        pattern: String,
+    },
+    /// The stored value compared with the literal must give one of these orderings.
+    Compare(Kind, Value, &'static [Ordering]),
+}
+
+fn prepare(f: &Filter, kind: &dyn Fn(&str) -> Kind) -> Result<Pred, PgError> {
+    Ok(match f {
+        Filter::Or(fs) => Pred::Or(
+            fs.iter()
+                .map(|f| prepare(f, kind))
+                .collect::<Result<_, _>>()?,
+        ),
+        Filter::And(fs) => Pred::And(
+            fs.iter()
+                .map(|f| prepare(f, kind))
+                .collect::<Result<_, _>>()?,
+        ),
         Filter::Cond {
             col,
             negate,
             op,
             value,
         } => {
-            let v = row.get(col).unwrap_or(&Value::Null);
+            use Ordering::{Equal, Greater, Less};
             let k = kind(col);
-            let r = match op {
-                Op::Is(want) => Some(match want {
+            let cmp = |want: &'static [Ordering]| -> Result<Test, PgError> {
+                Ok(Test::Compare(k, literal_value(k, value)?, want))
+            };
+            let test = match op {
+                Op::Is(want) => Test::Is(*want),
+                Op::In(items) => Test::In(
+                    k,
+                    items
+                        .iter()
+                        .map(|i| literal_value(k, i))
+                        .collect::<Result<_, _>>()?,
+                ),
+                Op::Cs => match k {
+                    Kind::TextArray => Test::ContainsArray(array_literal(value)?),
+                    Kind::Json => {
+                        Test::ContainsJson(serde_json::from_str(value).map_err(|_| {
+                            PgError::new(400, "22P02", "invalid input syntax for type json")
+                        })?)
+                    }
+                    _ => return Err(PgError::new(400, "42883", "operator does not exist: @>")),
+                },
+                Op::Like { case } => Test::Like {
+                    case: *case,
+                    pattern: value.clone(),
+                },
+                Op::Eq => cmp(&[Equal])?,
+                Op::Neq => cmp(&[Less, Greater])?,
+                Op::Gt => cmp(&[Greater])?,
+                Op::Gte => cmp(&[Equal, Greater])?,
+                Op::Lt => cmp(&[Less])?,
+                Op::Lte => cmp(&[Less, Equal])?,
+            };
+            Pred::Cond {
+                col: col.clone(),
+                negate: *negate,
+                test,
+            }
+        }
+    })
+}
+
+fn eval(p: &Pred, row: &Map<String, Value>) -> Option<bool> {
+    match p {
+        Pred::Or(ps) => {
+            let mut any_null = false;
+            for p in ps {
+                match eval(p, row) {
+                    Some(true) => return Some(true),
+                    None => any_null = true,
+                    Some(false) => {}
+                }
+            }
+            if any_null { None } else { Some(false) }
+        }
+        Pred::And(ps) => {
+            let mut any_null = false;
+            for p in ps {
+                match eval(p, row) {
+                    Some(false) => return Some(false),
+                    None => any_null = true,
+                    Some(true) => {}
+                }
+            }
+            if any_null { None } else { Some(true) }
+        }
+        Pred::Cond { col, negate, test } => {
+            let v = row.get(col).unwrap_or(&Value::Null);
+            let r = match test {
+                Test::Is(want) => Some(match want {
                     None => v.is_null(),
                     Some(b) => v.as_bool() == Some(*b),
                 }),
                 _ if v.is_null() => None,
-                Op::In(items) => {
-                    let mut hit = false;
-                    for item in items {
-                        hit |= compare_literal(k, v, item)? == Ordering::Equal;
-                    }
-                    Some(hit)
+                Test::In(k, items) => Some(
+                    items
+                        .iter()
+                        .any(|item| compare_values(*k, v, item) == Ordering::Equal),
+                ),
+                Test::ContainsArray(want) => {
+                    let have = v.as_array();
+                    Some(want.iter().all(|w| {
+                        have.is_some_and(|h| h.iter().any(|x| x.as_str() == Some(w.as_str())))
+                    }))
                 }
-                Op::Cs => Some(contains(k, v, value)?),
-                Op::Like { case } => {
+                Test::ContainsJson(want) => Some(json_contains(v, want)),
+                Test::Like { case, pattern } => {
                     let s = v
                         .as_str()
                         .map(str::to_owned)
                         .unwrap_or_else(|| v.to_string());
-                    Some(like(&s, value, *case))
+                    Some(like(&s, pattern, *case))
                 }
-                Op::Eq => Some(compare_literal(k, v, value)? == Ordering::Equal),
-                Op::Neq => Some(compare_literal(k, v, value)? != Ordering::Equal),
-                Op::Gt => Some(compare_literal(k, v, value)? == Ordering::Greater),
-                Op::Gte => Some(compare_literal(k, v, value)? != Ordering::Less),
-                Op::Lt => Some(compare_literal(k, v, value)? == Ordering::Less),
-                Op::Lte => Some(compare_literal(k, v, value)? != Ordering::Greater),
+                Test::Compare(k, lit, want) => Some(want.contains(&compare_values(*k, v, lit))),
             };
-            Ok(if *negate { r.map(|b| !b) } else { r })
+            if *negate { r.map(|b| !b) } else { r }
         }
     }
 }
@@ -481,7 +580,7 @@ fn like(s: &str, pattern: &str, case: bool) -> bool {
 }
 
 /// `{a,b,"c d"}` as Postgres reads an array literal.
-fn array_literal(s: &str) -> Result<Vec<String>, PgError> {
+pub(super) fn array_literal(s: &str) -> Result<Vec<String>, PgError> {
     let inner = s
         .strip_prefix('{')
         .and_then(|x| x.strip_suffix('}'))
@@ -491,25 +590,6 @@ fn array_literal(s: &str) -> Result<Vec<String>, PgError> {
         .map(|v| unquote(v))
         .filter(|v| !v.is_empty())
         .collect())
-}
-
-fn contains(k: Kind, v: &Value, literal: &str) -> Result<bool, PgError> {
-    match k {
-        Kind::TextArray => {
-            let want = array_literal(literal)?;
-            let have: Vec<&str> = v
-                .as_array()
-                .map(|a| a.iter().filter_map(Value::as_str).collect())
-                .unwrap_or_default();
-            Ok(want.iter().all(|w| have.contains(&w.as_str())))
-        }
-        Kind::Json => {
-            let want: Value = serde_json::from_str(literal)
-                .map_err(|_| PgError::new(400, "22P02", "invalid input syntax for type json"))?;
-            Ok(json_contains(v, &want))
-        }
-        _ => Err(PgError::new(400, "42883", "operator does not exist: @>")),
-    }
 }
 
 fn json_contains(have: &Value, want: &Value) -> bool {
@@ -588,10 +668,10 @@ fn invalid(k: Kind, s: &str) -> PgError {
     )
 }
 
-/// Orders a stored value against a literal from the URL, reading the literal as the column's
-/// type (an unreadable literal is Postgres's input syntax error).
-fn compare_literal(k: Kind, v: &Value, lit: &str) -> Result<Ordering, PgError> {
-    let lit_value = match k {
+/// A literal from the URL read as the column's type (an unreadable literal is Postgres's input
+/// syntax error), to compare stored values with.
+fn literal_value(k: Kind, lit: &str) -> Result<Value, PgError> {
+    Ok(match k {
         Kind::Uuid if !is_uuid(lit) => return Err(invalid(k, lit)),
         Kind::Uuid => Value::String(lit.to_ascii_lowercase()),
         Kind::Timestamp => Value::String(format_timestamp(
@@ -606,8 +686,7 @@ fn compare_literal(k: Kind, v: &Value, lit: &str) -> Result<Ordering, PgError> {
         Kind::Json => serde_json::from_str(lit).map_err(|_| invalid(k, lit))?,
         Kind::TextArray => Value::from(array_literal(lit)?),
         Kind::Text => Value::String(lit.to_owned()),
-    };
-    Ok(compare_values(k, v, &lit_value))
+    })
 }
 
 /// Orders two stored (already coerced) values of one column.
