@@ -115,8 +115,15 @@ async fn heartbeat(
                 }
                 condition.failing = failing;
             }
+            let clouds: String = health
+                .clouds()
+                .iter()
+                .filter(|(_, c)| c.state != crate::health::LaneState::Disabled)
+                .map(|(t, c)| format!(" | {} {}", t.as_str(), c.state.as_str()))
+                .collect();
+            let owed: i64 = s.telemetry_backlog.iter().map(|(_, n)| n).sum();
             notifier.status(&format!(
-                "devices {} | outbox pending {} | rejected {} | mqtt {} | store {}",
+                "devices {} | outbox pending {} | telemetry owed {owed} | rejected {} | mqtt {}{clouds} | store {}",
                 s.devices,
                 s.outbox_pending(),
                 s.rejected_total,
