@@ -93,6 +93,23 @@ fn tweak(
     }
 }
 
+fn read_only(db: &std::path::Path) -> rusqlite::Connection {
+    rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap()
+}
+
+/// Returns once `messages` rows are stored, polled fast so the clock stops at the last commit.
+async fn wait_stored(watch: &rusqlite::Connection, messages: u64) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while stored(watch) < messages {
+        assert!(
+            Instant::now() < deadline,
+            "stuck at {} stored",
+            stored(watch)
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 /// Backlog mode, as a gateway back from a power cut meets it: the broker holds every message
 /// for the gateway's persistent session, then the gateway starts and drains them. Returns
 /// messages per second from the start, and the store thread's CPU microseconds per message.
@@ -115,18 +132,8 @@ async fn backlog_run(messages: u64, sync: Synchronous, clouds: bool) -> (f64, f6
     stream.publish(broker.port, "bench-devices").await.unwrap();
     let started = Instant::now();
     let gw = support::Gateway::start(cfg).await;
-    let watch =
-        rusqlite::Connection::open_with_flags(&gw.db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while stored(&watch) < messages {
-        assert!(
-            Instant::now() < deadline,
-            "stuck at {} stored",
-            stored(&watch)
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let watch = read_only(&gw.db);
+    wait_stored(&watch, messages).await;
     let elapsed = started.elapsed();
     // The store thread was started by this gateway: all its CPU time is this drain's.
     let ticks = store_thread_ticks().expect("store thread CPU time");
@@ -150,24 +157,11 @@ async fn live_run(messages: u64, sync: Synchronous, clouds: bool) -> (f64, f64) 
         total: messages,
         extra: r#","temp":21.5,"humidity":40.2,"battery":3.61"#,
     };
-    let watch = rusqlite::Connection::open_with_flags(
-        &site.gw.db,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
+    let watch = read_only(&site.gw.db);
     let ticks_before = store_thread_ticks().expect("store thread CPU time");
     let started = Instant::now();
     let devices = stream.publish(site.broker.port, "bench-devices");
-    // Polled fast: the clock stops at the last commit.
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while stored(&watch) < messages {
-        assert!(
-            Instant::now() < deadline,
-            "stuck at {} stored",
-            stored(&watch)
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    wait_stored(&watch, messages).await;
     let elapsed = started.elapsed();
     let ticks = store_thread_ticks().expect("store thread CPU time") - ticks_before;
     drop(watch);

@@ -125,6 +125,23 @@ pub enum Requeue {
     AllDead,
 }
 
+/// A telemetry point with its device, from the columns `t.id, t.device_ts, t.received_at,
+/// t.payload, d.id, d.key, d.golioth_id, d.netneural_id`.
+fn telemetry_item(r: &rusqlite::Row<'_>) -> rusqlite::Result<TelemetryItem> {
+    Ok(TelemetryItem {
+        id: r.get(0)?,
+        device_ts: r.get::<_, Option<i64>>(1)?.map(UnixMillis),
+        received_at: UnixMillis(r.get(2)?),
+        payload: parse_doc(&r.get::<_, String>(3)?),
+        device: DeviceIdent {
+            id: r.get(4)?,
+            key: key_of(r.get(5)?)?,
+            golioth_id: r.get(6)?,
+            netneural_id: r.get(7)?,
+        },
+    })
+}
+
 fn key_of(s: String) -> rusqlite::Result<DeviceKey> {
     DeviceKey::parse(&s).map_err(|e| {
         rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into())
@@ -238,20 +255,7 @@ impl Db {
              FROM telemetry t JOIN device d ON d.id = t.device_id
              WHERE t.id > ?1 ORDER BY t.id LIMIT ?2",
         )?;
-        let rows = stmt.query_map(params![after, limit as i64], |r| {
-            Ok(TelemetryItem {
-                id: r.get(0)?,
-                device_ts: r.get::<_, Option<i64>>(1)?.map(UnixMillis),
-                received_at: UnixMillis(r.get(2)?),
-                payload: parse_doc(&r.get::<_, String>(3)?),
-                device: DeviceIdent {
-                    id: r.get(4)?,
-                    key: key_of(r.get(5)?)?,
-                    golioth_id: r.get(6)?,
-                    netneural_id: r.get(7)?,
-                },
-            })
-        })?;
+        let rows = stmt.query_map(params![after, limit as i64], telemetry_item)?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
@@ -297,20 +301,7 @@ impl Db {
              JOIN device d ON d.id = t.device_id
              WHERE x.target = ?1 AND x.retry = 1 ORDER BY t.id LIMIT ?2",
         )?;
-        let rows = stmt.query_map(params![target.as_str(), limit as i64], |r| {
-            Ok(TelemetryItem {
-                id: r.get(0)?,
-                device_ts: r.get::<_, Option<i64>>(1)?.map(UnixMillis),
-                received_at: UnixMillis(r.get(2)?),
-                payload: parse_doc(&r.get::<_, String>(3)?),
-                device: DeviceIdent {
-                    id: r.get(4)?,
-                    key: key_of(r.get(5)?)?,
-                    golioth_id: r.get(6)?,
-                    netneural_id: r.get(7)?,
-                },
-            })
-        })?;
+        let rows = stmt.query_map(params![target.as_str(), limit as i64], telemetry_item)?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
