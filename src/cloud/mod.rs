@@ -14,7 +14,7 @@ use std::fmt;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use crate::config::Secret;
+use crate::config::{HttpSettings, Secret};
 use crate::model::{Target, UnixMillis};
 
 pub mod golioth;
@@ -346,13 +346,6 @@ pub(crate) fn secret_header(value: &str) -> Option<reqwest::header::HeaderValue>
     let mut v = reqwest::header::HeaderValue::from_str(value).ok()?;
     v.set_sensitive(true);
     Some(v)
-}
-
-/// Timeouts and limits of one cloud's HTTP client.
-#[derive(Clone, Copy, Debug)]
-pub struct HttpSettings {
-    pub connect_timeout: Duration,
-    pub request_timeout: Duration,
 }
 
 /// Makes ring the process's TLS crypto provider (reqwest is built without one, so that no C

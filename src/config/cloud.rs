@@ -12,7 +12,14 @@ use serde::{Deserialize, Serialize};
 use url::Url;
 
 use super::{ConfigError, Secret};
-use crate::cloud::HttpSettings;
+
+/// Timeouts of one cloud's HTTP client (read by `cloud::http_client`; defined here so the
+/// configuration imports nothing of the clients).
+#[derive(Clone, Copy, Debug)]
+pub struct HttpSettings {
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+}
 
 /// The hardware id (and name) a device gets in the clouds: a template over `{site}` and
 /// `{device}`, which must contain `{device}` so that two devices never share one.

@@ -23,7 +23,7 @@ mod cloud;
 mod secret;
 pub mod topics;
 
-pub use cloud::{GoliothConfig, IdTemplate, NetNeuralConfig};
+pub use cloud::{GoliothConfig, HttpSettings, IdTemplate, NetNeuralConfig};
 
 pub use secret::Secret;
 use secret::read_secret;
