@@ -124,7 +124,13 @@ pub fn queue(path: &Path, limit: usize, json: bool) -> Result<String, StoreError
         let _ = writeln!(
             out,
             "{:>8} {:<10} {:<16} {:<20} {:<10} attempts {}{}{}",
-            r.id,
+            // Dead telemetry points are numbered by their telemetry id, not a row id:
+            // `queue retry ID` takes rows; points go back with `--all-dead`.
+            if r.kind == "telemetry point" {
+                format!("p{}", r.id)
+            } else {
+                r.id.to_string()
+            },
             r.target,
             r.kind,
             r.device,

@@ -67,7 +67,8 @@ enum Command {
 enum QueueAction {
     /// Send a dead row again (by id), or every dead row and dead-lettered telemetry point.
     Retry {
-        /// The outbox row id shown by `nn-gateway queue`.
+        /// The outbox row id shown by `nn-gateway queue` (dead telemetry points, shown as
+        /// `p<id>`, go back with --all-dead).
         #[arg(required_unless_present = "all_dead", conflicts_with = "all_dead")]
         id: Option<i64>,
         #[arg(long)]

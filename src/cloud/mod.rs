@@ -44,6 +44,10 @@ pub enum Failure {
     Decode { detail: String },
     /// The request could not be built from our data (a value the cloud cannot take).
     Request { detail: String },
+    /// The API key cannot be sent at all (it holds bytes an HTTP header cannot carry): an
+    /// auth failure of ours, so the lane pauses until a new key comes, rather than every row
+    /// being refused for it.
+    BadKey,
     /// A conditional write kept losing to concurrent writers (NetNeural's optimistic
     /// `updated_at` check). Nothing is wrong with the request: later it will likely win.
     Contended { detail: String },
@@ -136,14 +140,24 @@ impl CloudError {
             Failure::Transport { .. } => true,
             Failure::Status { status, .. } => matches!(status, 408 | 429 | 500..=599),
             Failure::Contended { .. } => true,
-            Failure::Decode { .. } | Failure::Request { .. } => false,
+            Failure::Decode { .. } | Failure::Request { .. } | Failure::BadKey => false,
         }
     }
 
     /// 401 or 403: the key is wrong, revoked or lacks a permission. Retrying every row cannot
     /// help; the lane pauses until the key changes or a slow recheck succeeds.
     pub fn is_auth(&self) -> bool {
-        matches!(self.status(), Some(401 | 403))
+        matches!(self.status(), Some(401 | 403)) || self.failure == Failure::BadKey
+    }
+
+    /// The key in the key file cannot go into a header (a stray control byte, say).
+    pub fn bad_key(target: Target, request: impl Into<String>) -> Self {
+        CloudError {
+            target,
+            request: request.into(),
+            failure: Failure::BadKey,
+            retry_after: None,
+        }
     }
 
     /// No answer at all (the cloud is unreachable), as opposed to an answer that says no.
@@ -178,6 +192,9 @@ impl fmt::Display for CloudError {
             }
             Failure::Decode { detail } => write!(f, "unexpected response body: {detail}")?,
             Failure::Request { detail } => write!(f, "cannot build the request: {detail}")?,
+            Failure::BadKey => {
+                f.write_str("the API key holds bytes an HTTP header cannot carry")?
+            }
             Failure::Contended { detail } => write!(f, "lost to concurrent writers: {detail}")?,
         }
         if self.is_auth() {

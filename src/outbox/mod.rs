@@ -209,6 +209,7 @@ pub fn spawn<U: Uplink>(
         key_changed: links.key_changed,
         cursor: None,
         read_through: None,
+        must_release: false,
         telemetry_retry: None,
         telemetry_attempts: 0,
         batch_seq: 0,
@@ -315,6 +316,8 @@ struct Lane<U> {
     last_summary: tokio::time::Instant,
     /// At most one `last_seen` update in the air, off the batches' path.
     touches: JoinSet<()>,
+    /// A pump failed on the store: its rows are still marked in flight.
+    must_release: bool,
 }
 
 /// How a pump went.
@@ -375,10 +378,31 @@ impl<U: Uplink> Lane<U> {
             self.maybe_summarise().await;
             match self.health.lane(target) {
                 LaneState::Online | LaneState::Disabled | LaneState::BackingOff => {
+                    if self.must_release {
+                        // A pump that failed on the store left its rows in flight: they go
+                        // back to pending (newer values win) before anything new is taken.
+                        match self
+                            .shared
+                            .store
+                            .call(move |db| db.requeue_in_flight(Some(target)))
+                            .await
+                        {
+                            Ok(_) => self.must_release = false,
+                            Err(e) => {
+                                tracing::error!(error = %e, "outbox store error; trying again shortly");
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                                continue;
+                            }
+                        }
+                    }
                     let pumped = match self.pump().await {
                         Ok(pumped) => pumped,
                         Err(e) => {
+                            // The sends in the air were abandoned with the pump: what they
+                            // carried is owed again, from the settled cursor and the rows.
                             tracing::error!(error = %e, "outbox store error; trying again shortly");
+                            self.read_through = self.cursor;
+                            self.must_release = true;
                             tokio::time::sleep(Duration::from_secs(1)).await;
                             continue;
                         }
@@ -613,10 +637,21 @@ impl<U: Uplink> Lane<U> {
                             UnixMillis::now(),
                             fastrand::f64(),
                         );
+                        // A batch is never dead as a whole (its points at fault are bisected out
+                        // and dead-lettered): a failure that is not the points' (a device that
+                        // cannot be registered, an unreadable answer) waits out the backoff
+                        // instead of being sent again at once.
+                        let at = match verdict {
+                            Verdict::Retry { at, .. } => at,
+                            Verdict::Dead(_) => policy::later(
+                                UnixMillis::now(),
+                                self.config
+                                    .schedule
+                                    .delay(self.telemetry_attempts, fastrand::f64()),
+                            ),
+                        };
                         self.telemetry_attempts = self.telemetry_attempts.saturating_add(1);
-                        if let Verdict::Retry { at, .. } = verdict {
-                            self.telemetry_retry = Some(at);
-                        }
+                        self.telemetry_retry = Some(at);
                         effects.push(effect);
                         last_error = Some(e);
                         // The batches behind it are sent again from the cursor (whatever of
@@ -1157,4 +1192,282 @@ async fn send_bisecting<U: Uplink>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod refused_device_tests {
+    use super::*;
+    use crate::config::Synchronous;
+    use crate::store::OpenOptions;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// A cloud that refuses to register the device (a permanent 4xx).
+    struct Refusing {
+        registers: Arc<AtomicU64>,
+    }
+
+    impl Uplink for Refusing {
+        fn target(&self) -> Target {
+            Target::NetNeural
+        }
+        async fn probe(&self) -> Result<(), CloudError> {
+            Ok(())
+        }
+        async fn register(
+            &self,
+            _device: &DeviceIdent,
+            _row: Option<&OutboxRow>,
+        ) -> Result<Registered, CloudError> {
+            self.registers.fetch_add(1, Ordering::SeqCst);
+            Err(crate::cloud::status_error(
+                Target::NetNeural,
+                "POST /rest/v1/devices",
+                400,
+                None,
+                b"bad device",
+                |_| None,
+            ))
+        }
+        async fn accepts(&self, ids: &[&str]) -> Result<Vec<bool>, CloudError> {
+            Ok(vec![true; ids.len()])
+        }
+        async fn send_row(&self, _: &str, _: &OutboxRow) -> Result<(), CloudError> {
+            Ok(())
+        }
+        async fn send_telemetry(&self, _: &[OutPoint<'_>]) -> Result<(), CloudError> {
+            Ok(())
+        }
+        async fn touch(&self, _: &[(String, UnixMillis)]) -> Result<(), CloudError> {
+            Ok(())
+        }
+        async fn summarise(&self, _: &Summary) -> Result<(), CloudError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_whose_device_cannot_register_waits_out_the_backoff_instead_of_a_hot_loop() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.db");
+        let opts = OpenOptions {
+            synchronous: Synchronous::Normal,
+            targets: vec![Target::NetNeural],
+            rejected_keep: 3,
+        };
+        drop(crate::store::Db::open(&path, &opts).unwrap());
+        {
+            let c = rusqlite::Connection::open(&path).unwrap();
+            c.execute(
+                "INSERT INTO device(key, origin, first_seen) VALUES ('d0','mqtt',0)",
+                [],
+            )
+            .unwrap();
+            c.execute(
+                "INSERT INTO telemetry(device_id, device_ts, received_at, payload, content_type)
+                 VALUES (1, NULL, 1, '{\"t\":1}', 'application/json')",
+                [],
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path, &opts).unwrap();
+        let registers = Arc::new(AtomicU64::new(0));
+        let tracker = TaskTracker::new();
+        let shutdown = CancellationToken::new();
+        spawn(
+            Refusing {
+                registers: registers.clone(),
+            },
+            LaneConfig {
+                concurrency: 4,
+                batch: 100,
+                schedule: RetrySchedule {
+                    min: Duration::from_secs(1),
+                    max: Duration::from_secs(60),
+                },
+                install_id: "x".into(),
+            },
+            LaneLinks {
+                store: store.clone(),
+                health: Health::default(),
+                bell: store.bells().of(Target::NetNeural),
+                key_changed: Arc::new(Notify::new()),
+                shutdown: shutdown.clone(),
+            },
+            &tracker,
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        shutdown.cancel();
+        tracker.close();
+        tracker.wait().await;
+        let n = registers.load(Ordering::SeqCst);
+        assert!(
+            n <= 3,
+            "{n} registration attempts in 2 s for one refused device (retry_min 1 s)"
+        );
+    }
+}
+
+#[cfg(test)]
+mod store_error_tests {
+    use super::*;
+    use crate::config::Synchronous;
+    use crate::store::OpenOptions;
+    use std::collections::BTreeSet;
+
+    #[derive(Default)]
+    struct Gated {
+        delivered: Mutex<BTreeSet<i64>>,
+        seen_first: Mutex<BTreeSet<i64>>,
+        gate: Notify,
+    }
+
+    struct Fake(Arc<Gated>);
+
+    impl Uplink for Fake {
+        fn target(&self) -> Target {
+            Target::NetNeural
+        }
+        async fn probe(&self) -> Result<(), CloudError> {
+            Ok(())
+        }
+        async fn register(
+            &self,
+            _: &DeviceIdent,
+            _: Option<&OutboxRow>,
+        ) -> Result<Registered, CloudError> {
+            unreachable!("devices are registered")
+        }
+        async fn accepts(&self, ids: &[&str]) -> Result<Vec<bool>, CloudError> {
+            Ok(vec![true; ids.len()])
+        }
+        async fn send_row(&self, _: &str, _: &OutboxRow) -> Result<(), CloudError> {
+            Ok(())
+        }
+        async fn send_telemetry(&self, points: &[OutPoint<'_>]) -> Result<(), CloudError> {
+            let first = points[0].item.id;
+            let new = self.0.seen_first.lock().unwrap().insert(first);
+            if new && first == 1 {
+                self.0.gate.notified().await;
+            }
+            if new && first == 11 {
+                // A slow answer: still in the air when the lane gives up its pump.
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+            self.0
+                .delivered
+                .lock()
+                .unwrap()
+                .extend(points.iter().map(|p| p.item.id));
+            Ok(())
+        }
+        async fn touch(&self, _: &[(String, UnixMillis)]) -> Result<(), CloudError> {
+            Ok(())
+        }
+        async fn summarise(&self, _: &Summary) -> Result<(), CloudError> {
+            Ok(())
+        }
+    }
+
+    fn insert_point(c: &rusqlite::Connection) {
+        c.execute(
+            "INSERT INTO telemetry(device_id, device_ts, received_at, payload, content_type)
+             VALUES (1, NULL, 1, '{\"t\":1}', 'application/json')",
+            [],
+        )
+        .unwrap();
+    }
+
+    /// One failed commit (the database busy past the busy timeout) while two batches are in
+    /// the air: the pump returns, its JoinSet aborts the other batch, `read_through` stays past
+    /// it, and the next settle moves the cursor over points never delivered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_error_while_batches_are_in_the_air_loses_no_points() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.db");
+        let opts = OpenOptions {
+            synchronous: Synchronous::Normal,
+            targets: vec![Target::NetNeural],
+            rejected_keep: 3,
+        };
+        drop(crate::store::Db::open(&path, &opts).unwrap());
+        {
+            let c = rusqlite::Connection::open(&path).unwrap();
+            c.execute(
+                "INSERT INTO device(key, origin, first_seen, netneural_id) VALUES ('d0','mqtt',0,'nn-0')",
+                [],
+            )
+            .unwrap();
+            for _ in 0..30 {
+                insert_point(&c);
+            }
+        }
+        let store = Store::open(&path, &opts).unwrap();
+        let fake = Arc::new(Gated::default());
+        let tracker = TaskTracker::new();
+        let shutdown = CancellationToken::new();
+        spawn(
+            Fake(fake.clone()),
+            LaneConfig {
+                concurrency: 2,
+                batch: 10,
+                schedule: RetrySchedule {
+                    min: Duration::from_millis(100),
+                    max: Duration::from_secs(1),
+                },
+                install_id: "x".into(),
+            },
+            LaneLinks {
+                store: store.clone(),
+                health: Health::default(),
+                bell: store.bells().of(Target::NetNeural),
+                key_changed: Arc::new(Notify::new()),
+                shutdown: shutdown.clone(),
+            },
+            &tracker,
+        );
+        // Both batches in the air.
+        for _ in 0..100 {
+            if fake.seen_first.lock().unwrap().len() >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(fake.seen_first.lock().unwrap().len(), 2);
+        // Another writer holds the database for longer than the busy timeout; a point arrives.
+        let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        let holder = std::thread::spawn(move || {
+            let c = rusqlite::Connection::open(&p).unwrap();
+            c.execute_batch("BEGIN IMMEDIATE").unwrap();
+            insert_point(&c);
+            locked_tx.send(()).unwrap();
+            std::thread::sleep(Duration::from_secs(7));
+            c.execute_batch("COMMIT").unwrap();
+        });
+        locked_rx.recv().unwrap();
+        fake.gate.notify_one();
+        holder.join().unwrap();
+        let reader = rusqlite::Connection::open(&path).unwrap();
+        let mut cursor = 0;
+        for _ in 0..100 {
+            cursor = reader
+                .query_row("SELECT delivered_through FROM telemetry_cursor", [], |r| {
+                    r.get(0)
+                })
+                .unwrap();
+            if cursor >= 31 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        shutdown.cancel();
+        tracker.close();
+        tracker.wait().await;
+        let delivered = fake.delivered.lock().unwrap().clone();
+        let missing: Vec<i64> = (1..=31).filter(|i| !delivered.contains(i)).collect();
+        assert!(
+            missing.is_empty(),
+            "cursor at {cursor}, yet points {missing:?} never reached the cloud"
+        );
+    }
 }

@@ -56,7 +56,8 @@ impl RetrySchedule {
     }
 }
 
-fn later(now: UnixMillis, d: Duration) -> UnixMillis {
+/// `now` plus `d`, saturating.
+pub fn later(now: UnixMillis, d: Duration) -> UnixMillis {
     UnixMillis(
         now.0
             .saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),

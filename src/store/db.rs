@@ -218,21 +218,25 @@ impl Db {
     /// Rows left "in flight" by a crash go back to "pending" (run once at start-up). A reported
     /// state row with a newer one for the same device and cloud (pending or in flight) is
     /// dropped instead: the newer one carries the whole document, and only one may be pending.
-    pub fn requeue_in_flight(&mut self) -> Result<usize, StoreError> {
+    pub fn requeue_in_flight(&mut self, target: Option<Target>) -> Result<usize, StoreError> {
         let now = UnixMillis::now().0;
+        // NULL: every cloud (at start-up); else the one lane whose sends were abandoned.
+        let only = target.map(Target::as_str);
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute(
             "DELETE FROM outbox WHERE state = 'in_flight' AND operation = 'reported_state'
+               AND (?1 IS NULL OR target = ?1)
                AND EXISTS (SELECT 1 FROM outbox p WHERE p.operation = 'reported_state'
                            AND p.target = outbox.target AND p.device_id = outbox.device_id
                            AND (p.state = 'pending' OR (p.state = 'in_flight' AND p.id > outbox.id)))",
-            [],
+            [only],
         )?;
         let requeued = tx.execute(
-            "UPDATE outbox SET state = 'pending', updated_at = ?1 WHERE state = 'in_flight'",
-            [now],
+            "UPDATE outbox SET state = 'pending', updated_at = ?1
+             WHERE state = 'in_flight' AND (?2 IS NULL OR target = ?2)",
+            params![now, only],
         )?;
         tx.commit()?;
         Ok(requeued)

@@ -289,7 +289,7 @@ impl Store {
     pub fn open(path: &std::path::Path, opts: &OpenOptions) -> Result<Store, StoreError> {
         let lock = lock_exclusive(path)?;
         let mut db = Db::open(path, opts)?;
-        let requeued = db.requeue_in_flight()?;
+        let requeued = db.requeue_in_flight(None)?;
         if requeued > 0 {
             tracing::info!(
                 rows = requeued,

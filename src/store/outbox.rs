@@ -306,8 +306,10 @@ impl Db {
     }
 
     /// Re-queues dead rows (and, for `AllDead`, marks dead-lettered telemetry for another
-    /// try). Returns how many. A dead reported-state row whose device has a newer pending one
-    /// is superseded by it and goes instead.
+    /// try). Returns how many. A dead reported-state row whose device has a newer row pending
+    /// or in flight is superseded by it and goes instead; one that is requeued carries the
+    /// device's current document, never the old one it failed with (a newer one may have been
+    /// delivered since).
     pub fn requeue(&mut self, which: Requeue) -> Result<usize, StoreError> {
         let now = UnixMillis::now().0;
         let tx = self.write_tx()?;
@@ -324,7 +326,8 @@ impl Db {
                 "DELETE FROM outbox WHERE {filter} AND state IN ('dead', 'pending')
                    AND operation = 'reported_state'
                    AND EXISTS (SELECT 1 FROM outbox p WHERE p.target = outbox.target
-                               AND p.device_id = outbox.device_id AND p.state = 'pending'
+                               AND p.device_id = outbox.device_id
+                               AND p.state IN ('pending', 'in_flight')
                                AND p.operation = 'reported_state' AND p.id <> outbox.id)"
             ),
             [arg],
@@ -332,7 +335,12 @@ impl Db {
         let mut n = tx.execute(
             &format!(
                 "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?2,
-                        updated_at = ?2 WHERE {filter} AND state IN ('dead', 'pending')"
+                        updated_at = ?2,
+                        payload = CASE WHEN operation = 'reported_state'
+                            THEN coalesce((SELECT r.doc FROM reported_state r
+                                           WHERE r.device_id = outbox.device_id), payload)
+                            ELSE payload END
+                 WHERE {filter} AND state IN ('dead', 'pending')"
             ),
             params![arg, now],
         )?;
@@ -683,6 +691,65 @@ mod tests {
         assert_eq!(
             row_of(&db, "d2"),
             Some(("dead".into(), 1, Some("HTTP 400".into())))
+        );
+    }
+}
+
+#[cfg(test)]
+mod id_reuse_tests {
+    use super::*;
+    use crate::config::Synchronous;
+    use crate::store::OpenOptions;
+
+    /// Retention that empties `telemetry` lets SQLite reuse ids (no AUTOINCREMENT): new points
+    /// then sit at or below the cursor and are never sent (and reuse idempotency keys).
+    #[test]
+    fn points_after_retention_empties_the_table_are_still_owed() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = OpenOptions {
+            synchronous: Synchronous::Normal,
+            targets: vec![Target::NetNeural],
+            rejected_keep: 3,
+        };
+        let mut db = Db::open(&dir.path().join("gateway.db"), &opts).unwrap();
+        db.conn
+            .execute(
+                "INSERT INTO device(key, origin, first_seen) VALUES ('d0', 'mqtt', 0)",
+                [],
+            )
+            .unwrap();
+        let dev = db.conn.last_insert_rowid();
+        let insert = |db: &Db, at: i64| {
+            db.conn
+                .execute(
+                    "INSERT INTO telemetry(device_id, device_ts, received_at, payload, content_type)
+                     VALUES (?1, NULL, ?2, '{\"t\":1}', 'application/json')",
+                    params![dev, at],
+                )
+                .unwrap();
+            db.conn.last_insert_rowid()
+        };
+        for _ in 0..5 {
+            insert(&db, 1);
+        }
+        // All five delivered.
+        db.settle_telemetry(Target::NetNeural, 5, &[]).unwrap();
+        // They age out, all but the newest: it keeps SQLite from handing its id out again.
+        let policy = crate::store::retention::Policy {
+            max_bytes: u64::MAX,
+            max_age: Some(std::time::Duration::from_secs(1)),
+            chunk: 1000,
+        };
+        let report = db.enforce_retention(&policy).unwrap();
+        assert_eq!(report.aged_out, 4);
+        // A new point arrives.
+        let id = insert(&db, UnixMillis::now().0);
+        let cursor = db.telemetry_cursor(Target::NetNeural).unwrap().unwrap();
+        let owed = db.telemetry_after(cursor, 100).unwrap();
+        assert_eq!(
+            owed.len(),
+            1,
+            "new point id {id} is at or below the cursor {cursor}: it will never be sent"
         );
     }
 }

@@ -127,6 +127,9 @@ pub fn used_bytes(conn: &Connection) -> rusqlite::Result<u64> {
 }
 
 /// Deletes up to [`CHUNK`] of the oldest telemetry rows matching `filter` (over alias `t`),
+/// never the newest row of all: SQLite gives a new row `max(id) + 1`, so keeping it means ids
+/// are never reused — a point below a cloud's cursor would count as delivered, and its derived
+/// idempotency key would collide with one the cloud already holds.
 /// with their dead letters, in one transaction. Returns how many went. A batch of the points
 /// in the air meanwhile settles by id range, so it neither fails nor brings them back.
 fn delete_oldest(conn: &mut Connection, filter: &str, chunk: i64) -> rusqlite::Result<u64> {
@@ -138,7 +141,8 @@ fn delete_oldest(conn: &mut Connection, filter: &str, chunk: i64) -> rusqlite::R
     tx.execute("DELETE FROM temp.doomed", [])?;
     tx.execute(
         &format!(
-            "INSERT INTO temp.doomed(id) SELECT t.id FROM telemetry t WHERE {filter} ORDER BY t.id LIMIT ?1"
+            "INSERT INTO temp.doomed(id) SELECT t.id FROM telemetry t
+             WHERE {filter} AND t.id < (SELECT max(id) FROM telemetry) ORDER BY t.id LIMIT ?1"
         ),
         params![chunk],
     )?;

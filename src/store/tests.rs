@@ -270,7 +270,7 @@ fn an_in_flight_state_row_superseded_by_a_newer_pending_one_is_dropped_at_start_
         .execute("UPDATE outbox SET state = 'in_flight'", [])
         .unwrap();
     db.apply_batch(&[state("a", json!({"v":2}), None)]);
-    assert_eq!(db.requeue_in_flight().unwrap(), 0);
+    assert_eq!(db.requeue_in_flight(None).unwrap(), 0);
     assert_eq!(outbox(&db), [("golioth".into(), "pending".into(), 1)]);
     let payload: String = db
         .conn()
@@ -335,7 +335,7 @@ fn reopening_applies_no_migration_twice_and_in_flight_rows_return_to_pending() {
         .unwrap();
     drop(db);
     let mut db = Db::open(&path, &opts(vec![Target::NetNeural])).unwrap();
-    assert_eq!(db.requeue_in_flight().unwrap(), 1);
+    assert_eq!(db.requeue_in_flight(None).unwrap(), 1);
     assert_eq!(outbox(&db), [("netneural".into(), "pending".into(), 1)]);
 }
 

@@ -81,13 +81,8 @@ impl Golioth {
         let mut path = vec!["v1", "projects", self.project.as_str()];
         path.extend_from_slice(segments);
         let url = url_of(&self.base, &path, query);
-        let key = secret_header(self.key.get().expose()).ok_or_else(|| {
-            CloudError::request(
-                T,
-                name,
-                "the API key holds bytes an HTTP header cannot carry",
-            )
-        })?;
+        let key =
+            secret_header(self.key.get().expose()).ok_or_else(|| CloudError::bad_key(T, name))?;
         Ok(self
             .http
             .request(method, url)

@@ -83,13 +83,7 @@ impl NetNeural {
     ) -> Result<reqwest::RequestBuilder, CloudError> {
         let url = url_of(&self.base, &["rest", "v1", table], query);
         let key = self.key.get();
-        let unusable = || {
-            CloudError::request(
-                T,
-                name,
-                "the API key holds bytes an HTTP header cannot carry",
-            )
-        };
+        let unusable = || CloudError::bad_key(T, name);
         let mut rb = self
             .http
             .request(method, url)
