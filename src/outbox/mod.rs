@@ -364,6 +364,45 @@ fn joined<T>(r: Result<T, JoinError>) -> T {
     }
 }
 
+/// The lane's own store failures (a full disk, a lock held past the busy timeout): logged
+/// once when they start and once when they end, retried with a growing delay — slowly for
+/// one no retry can cure (a corrupt file), which the heartbeat reports too.
+struct StoreTrouble {
+    backoff: Backoff,
+    failing: bool,
+}
+
+impl Default for StoreTrouble {
+    fn default() -> Self {
+        StoreTrouble {
+            backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
+            failing: false,
+        }
+    }
+}
+
+impl StoreTrouble {
+    async fn wait(&mut self, e: &StoreError) {
+        if !self.failing {
+            self.failing = true;
+            tracing::error!(error = %e, transient = e.is_transient(),
+                "the lane cannot read or settle its outbox; retrying with backoff");
+        }
+        if !e.is_transient() {
+            // Nothing changes quickly: go straight to the longest delay.
+            self.backoff = Backoff::after(Duration::from_secs(1), Duration::from_secs(60), 16);
+        }
+        tokio::time::sleep(self.backoff.next_delay().max(Duration::from_millis(200))).await;
+    }
+
+    fn over(&mut self) {
+        if std::mem::take(&mut self.failing) {
+            tracing::info!("the lane's outbox works again");
+        }
+        self.backoff.reset();
+    }
+}
+
 impl<U: Uplink> Lane<U> {
     fn target(&self) -> Target {
         self.shared.uplink.target()
@@ -373,6 +412,7 @@ impl<U: Uplink> Lane<U> {
         let target = self.target();
         self.health.set_lane(target, LaneState::Online);
         let mut probes = Backoff::new(self.config.schedule.min, self.config.schedule.max);
+        let mut store_trouble = StoreTrouble::default();
         self.summary.started_at = UnixMillis::now().0;
         loop {
             self.maybe_summarise().await;
@@ -389,8 +429,7 @@ impl<U: Uplink> Lane<U> {
                         {
                             Ok(_) => self.must_release = false,
                             Err(e) => {
-                                tracing::error!(error = %e, "outbox store error; trying again shortly");
-                                tokio::time::sleep(Duration::from_secs(1)).await;
+                                store_trouble.wait(&e).await;
                                 continue;
                             }
                         }
@@ -400,13 +439,13 @@ impl<U: Uplink> Lane<U> {
                         Err(e) => {
                             // The sends in the air were abandoned with the pump: what they
                             // carried is owed again, from the settled cursor and the rows.
-                            tracing::error!(error = %e, "outbox store error; trying again shortly");
                             self.read_through = self.cursor;
                             self.must_release = true;
-                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            store_trouble.wait(&e).await;
                             continue;
                         }
                     };
+                    store_trouble.over();
                     match pumped.effect {
                         LaneEffect::None => {
                             if pumped.error.is_none() {
