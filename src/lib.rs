@@ -27,7 +27,8 @@
 //! - [`config`]: the typed configuration, from TOML and `NNGW_` environment variables, holding
 //!   parsed values (topic templates, addresses, URLs) so that what runs later cannot fail on them.
 //! - [`store`]: the SQLite mirror — migrations, all SQL (one file per aggregate: ingest,
-//!   outbox, retention, views), and the store thread with group commit.
+//!   devices and desired state, outbox and telemetry cursors, retention, status), and the
+//!   store thread with group commit.
 //! - [`mqtt`]: rumqttc client of the site broker — ingest acknowledged after commit, in
 //!   batches, desired publishes.
 //! - [`coap`]: CoAP server on a UDP socket — ingest, desired resource with Observe.

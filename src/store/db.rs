@@ -1,7 +1,8 @@
 //! [`Db`], a plain rusqlite connection: opening and migrations, the group commit's transaction
-//! (its statements are in `write.rs`), desired state and the views. The outbox's and
-//! retention's SQL sit in their own files ([`super::outbox`], [`super::retention`]), also on
-//! `Db`.
+//! (its statements are in `write.rs`), status, rejections and the heartbeat. Each other
+//! aggregate's SQL sits in its own file, also on `Db`: devices and desired state
+//! (`devices.rs`), the outbox and telemetry cursors ([`super::outbox`]), retention
+//! ([`super::retention`]).
 //!
 //! Blocking. Inside the daemon a `Db` lives on the store thread ([`super::Store`]); the
 //! operator CLI opens its own `Db` on the same file (WAL lets both work at once).
@@ -9,17 +10,14 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use serde_json::Value;
 
 use super::StoreError;
-use super::doc::parse_doc;
-use super::views::{DaemonBeat, DeviceView, OutboxCount, RejectedView, Status};
-use super::write::{Group, Writer, is_poison, trim_rejected, upsert_device};
+use super::views::{DaemonBeat, OutboxCount, RejectedView, Status};
+use super::write::{Group, Writer, is_poison, trim_rejected};
 use crate::config::Synchronous;
-use crate::model::{
-    DesiredDoc, DeviceKey, Origin, Outcome, Reading, Rejection, Target, UnixMillis, WriteOp,
-};
+use crate::model::{Outcome, Reading, Rejection, Target, UnixMillis, WriteOp};
 
 /// Migrations, in order; `PRAGMA user_version` counts how many are applied.
 const MIGRATIONS: &[&str] = &[
@@ -215,33 +213,6 @@ impl Db {
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
     }
 
-    /// Rows left "in flight" by a crash go back to "pending" (run once at start-up). A reported
-    /// state row with a newer one for the same device and cloud (pending or in flight) is
-    /// dropped instead: the newer one carries the whole document, and only one may be pending.
-    pub fn requeue_in_flight(&mut self, target: Option<Target>) -> Result<usize, StoreError> {
-        let now = UnixMillis::now().0;
-        // NULL: every cloud (at start-up); else the one lane whose sends were abandoned.
-        let only = target.map(Target::as_str);
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        tx.execute(
-            "DELETE FROM outbox WHERE state = 'in_flight' AND operation = 'reported_state'
-               AND (?1 IS NULL OR target = ?1)
-               AND EXISTS (SELECT 1 FROM outbox p WHERE p.operation = 'reported_state'
-                           AND p.target = outbox.target AND p.device_id = outbox.device_id
-                           AND (p.state = 'pending' OR (p.state = 'in_flight' AND p.id > outbox.id)))",
-            [only],
-        )?;
-        let requeued = tx.execute(
-            "UPDATE outbox SET state = 'pending', updated_at = ?1
-             WHERE state = 'in_flight' AND (?2 IS NULL OR target = ?2)",
-            params![now, only],
-        )?;
-        tx.commit()?;
-        Ok(requeued)
-    }
-
     /// Applies a group of writes in one transaction.
     ///
     /// If the group fails as a whole, the writes are applied one by one, in order, to find the
@@ -353,112 +324,6 @@ impl Db {
         }
     }
 
-    /// Replaces a device's desired document (the local operator's edit, or a merged cloud
-    /// value), creating the device if it is new. Returns the stored document.
-    pub fn set_desired(
-        &mut self,
-        device: &DeviceKey,
-        doc: &Value,
-        by: Origin,
-    ) -> Result<DesiredDoc, StoreError> {
-        let now = UnixMillis::now().0;
-        // IMMEDIATE: take the write lock before reading, so a commit by the daemon in between
-        // cannot turn this into SQLITE_BUSY_SNAPSHOT (which the busy timeout does not cover).
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let (device_id, _) = upsert_device(&tx, device, by, now, false)?;
-        let seq: i64 = tx.query_row(
-            "SELECT coalesce(max(seq), 0) + 1 FROM desired_state",
-            [],
-            |r| r.get(0),
-        )?;
-        let text = doc.to_string();
-        tx.execute(
-            "INSERT INTO desired_state(device_id, doc, version, seq, updated_at, updated_by)
-             VALUES (?1, ?2, 1, ?3, ?4, ?5)
-             ON CONFLICT(device_id) DO UPDATE SET doc = excluded.doc, version = version + 1,
-                 seq = excluded.seq, updated_at = excluded.updated_at, updated_by = excluded.updated_by",
-            params![device_id, text, seq, now, by.as_str()],
-        )?;
-        let version: i64 = tx.query_row(
-            "SELECT version FROM desired_state WHERE device_id = ?1",
-            [device_id],
-            |r| r.get(0),
-        )?;
-        tx.commit()?;
-        Ok(DesiredDoc {
-            device: device.clone(),
-            doc: doc.clone(),
-            version,
-            seq,
-        })
-    }
-
-    /// A device's desired document, if it has one.
-    pub fn desired(&self, device: &DeviceKey) -> Result<Option<DesiredDoc>, StoreError> {
-        self.conn
-            .query_row(
-                "SELECT d.doc, d.version, d.seq FROM desired_state d JOIN device v ON v.id = d.device_id
-                 WHERE v.key = ?1",
-                [device.as_str()],
-                |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()?
-            .map(|(doc, version, seq)| desired_doc(device.as_str(), &doc, version, seq))
-            .transpose()
-    }
-
-    /// Desired documents changed after `seq`, oldest change first.
-    pub fn desired_since(&self, seq: i64, limit: usize) -> Result<Vec<DesiredDoc>, StoreError> {
-        self.desired_where("d.seq > ?1", seq, limit)
-    }
-
-    /// Desired documents whose newest change the broker has not acknowledged.
-    pub fn desired_unpublished(&self, limit: usize) -> Result<Vec<DesiredDoc>, StoreError> {
-        self.desired_where("d.published_seq < d.seq AND ?1 = ?1", 0, limit)
-    }
-
-    fn desired_where(
-        &self,
-        cond: &str,
-        arg: i64,
-        limit: usize,
-    ) -> Result<Vec<DesiredDoc>, StoreError> {
-        let sql = format!(
-            "SELECT v.key, d.doc, d.version, d.seq FROM desired_state d JOIN device v ON v.id = d.device_id
-             WHERE {cond} ORDER BY d.seq LIMIT ?2"
-        );
-        let mut stmt = self.conn.prepare_cached(&sql)?;
-        let rows = stmt.query_map(params![arg, limit as i64], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get(2)?,
-                r.get(3)?,
-            ))
-        })?;
-        rows.map(|row| {
-            let (key, doc, version, seq) = row?;
-            desired_doc(&key, &doc, version, seq)
-        })
-        .collect()
-    }
-
-    /// Records that the broker acknowledged the desired document with this `seq`.
-    pub fn mark_desired_published(
-        &mut self,
-        device: &DeviceKey,
-        seq: i64,
-    ) -> Result<(), StoreError> {
-        self.conn.execute(
-            "UPDATE desired_state SET published_seq = max(published_seq, ?2)
-             WHERE device_id = (SELECT id FROM device WHERE key = ?1)",
-            params![device.as_str(), seq],
-        )?;
-        Ok(())
-    }
-
     pub fn status(&self) -> Result<Status, StoreError> {
         let c = &self.conn;
         let count = |sql: &str| c.query_row(sql, [], |r| r.get::<_, i64>(0));
@@ -512,31 +377,6 @@ impl Db {
         })
     }
 
-    pub fn devices(&self) -> Result<Vec<DeviceView>, StoreError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT v.key, v.origin, v.first_seen, v.last_seen, r.doc, r.version, d.doc, d.version,
-                    (SELECT count(*) FROM telemetry t WHERE t.device_id = v.id)
-             FROM device v
-             LEFT JOIN reported_state r ON r.device_id = v.id
-             LEFT JOIN desired_state d ON d.device_id = v.id
-             WHERE v.deleted_at IS NULL ORDER BY v.key",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            Ok(DeviceView {
-                key: r.get(0)?,
-                origin: r.get(1)?,
-                first_seen: UnixMillis(r.get(2)?),
-                last_seen: r.get::<_, Option<i64>>(3)?.map(UnixMillis),
-                reported: r.get::<_, Option<String>>(4)?.map(|s| parse_doc(&s)),
-                reported_version: r.get(5)?,
-                desired: r.get::<_, Option<String>>(6)?.map(|s| parse_doc(&s)),
-                desired_version: r.get(7)?,
-                telemetry_points: r.get(8)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
-    }
-
     /// The newest rejected messages, newest first.
     pub fn rejected(&self, limit: usize) -> Result<Vec<RejectedView>, StoreError> {
         let mut stmt = self.conn.prepare(
@@ -555,16 +395,6 @@ impl Db {
             })
         })?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
-    }
-
-    /// A device's telemetry payloads in arrival order (for tests and diagnostics).
-    pub fn telemetry_payloads(&self, device: &DeviceKey) -> Result<Vec<Value>, StoreError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT t.payload FROM telemetry t JOIN device v ON v.id = t.device_id
-             WHERE v.key = ?1 ORDER BY t.id",
-        )?;
-        let rows = stmt.query_map([device.as_str()], |r| r.get::<_, String>(0))?;
-        rows.map(|r| Ok(parse_doc(&r?))).collect()
     }
 
     /// Records the daemon's heartbeat (see [`DaemonBeat`]). A write, so a heartbeat that
@@ -627,14 +457,4 @@ fn retry_locked<T>(
 
 fn user_version(conn: &Connection) -> rusqlite::Result<i64> {
     conn.query_row("PRAGMA user_version", [], |r| r.get(0))
-}
-
-fn desired_doc(key: &str, doc: &str, version: i64, seq: i64) -> Result<DesiredDoc, StoreError> {
-    let device = DeviceKey::parse(key).map_err(StoreError::Corrupt)?;
-    Ok(DesiredDoc {
-        device,
-        doc: parse_doc(doc),
-        version,
-        seq,
-    })
 }

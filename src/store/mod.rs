@@ -1,9 +1,10 @@
 //! The SQLite mirror: schema, SQL, and the thread that owns the daemon's connection.
 //!
 //! SQL lives here in `store/` and nowhere else, one file per aggregate: [`db`] (opening,
-//! migrations, desired state, the status and device views), `write.rs` (the ingest write
-//! path), [`outbox`] (what is owed to the clouds) and [`retention`] (bounded disk), all as
-//! methods on or helpers of [`Db`]. Migrations sit beside them in `migrations/` as numbered
+//! migrations, status, rejections, heartbeat), `write.rs` (the ingest write path),
+//! `devices.rs` (desired state and the device views), [`outbox`] (what is owed to the
+//! clouds: rows and telemetry cursors) and [`retention`] (bounded disk), all as methods on or
+//! helpers of [`Db`]. Migrations sit beside them in `migrations/` as numbered
 //! files.
 //! rusqlite blocks, so inside the daemon one dedicated thread owns the connection and the
 //! async side talks to it through [`Store`], a cheap cloneable handle over a bounded channel.
@@ -15,6 +16,7 @@
 //! covers a whole batch.
 
 pub mod db;
+mod devices;
 mod doc;
 pub mod outbox;
 pub mod retention;

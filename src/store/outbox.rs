@@ -149,6 +149,33 @@ fn key_of(s: String) -> rusqlite::Result<DeviceKey> {
 }
 
 impl Db {
+    /// Rows left "in flight" by a crash go back to "pending" (run once at start-up). A reported
+    /// state row with a newer one for the same device and cloud (pending or in flight) is
+    /// dropped instead: the newer one carries the whole document, and only one may be pending.
+    pub fn requeue_in_flight(&mut self, target: Option<Target>) -> Result<usize, StoreError> {
+        let now = UnixMillis::now().0;
+        // NULL: every cloud (at start-up); else the one lane whose sends were abandoned.
+        let only = target.map(Target::as_str);
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute(
+            "DELETE FROM outbox WHERE state = 'in_flight' AND operation = 'reported_state'
+               AND (?1 IS NULL OR target = ?1)
+               AND EXISTS (SELECT 1 FROM outbox p WHERE p.operation = 'reported_state'
+                           AND p.target = outbox.target AND p.device_id = outbox.device_id
+                           AND (p.state = 'pending' OR (p.state = 'in_flight' AND p.id > outbox.id)))",
+            [only],
+        )?;
+        let requeued = tx.execute(
+            "UPDATE outbox SET state = 'pending', updated_at = ?1
+             WHERE state = 'in_flight' AND (?2 IS NULL OR target = ?2)",
+            params![now, only],
+        )?;
+        tx.commit()?;
+        Ok(requeued)
+    }
+
     /// Settles the rows a lane has finished with and takes up to `limit` due rows of `target`
     /// (marking them in flight), oldest due first, skipping devices that have a row in flight
     /// there — all in **one transaction**, so a lane pays one commit (one fsync with
