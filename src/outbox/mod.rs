@@ -1096,6 +1096,7 @@ async fn deliver<U: Uplink>(shared: Arc<Shared<U>>, items: Vec<TelemetryItem>) -
         }
     }
     let mut failure = None;
+    let mut refused: HashMap<i64, String> = HashMap::new();
     let mut found: Vec<(i64, Option<String>)> = Vec::new();
     for chunk in missing.chunks(shared.concurrency) {
         let mut set = JoinSet::new();
@@ -1118,6 +1119,13 @@ async fn deliver<U: Uplink>(shared: Arc<Shared<U>>, items: Vec<TelemetryItem>) -
                     out.registered += u64::from(r.fresh);
                     ids.insert(device, r.id.clone());
                     found.push((device, Some(r.id)));
+                }
+                // A device the cloud refuses for good (a 4xx on its registration): its points
+                // are dead-lettered with that error, so it cannot hold up everyone else's.
+                (device, Err(e)) if !e.is_retryable() && !e.is_auth() && !is_missing_parent(&e) => {
+                    tracing::warn!(device, error = %e,
+                        "device refused by the cloud; its telemetry goes to the dead letters");
+                    refused.insert(device, e.to_string());
                 }
                 (_, Err(e)) => failure = Some(e),
             }
@@ -1152,8 +1160,17 @@ async fn deliver<U: Uplink>(shared: Arc<Shared<U>>, items: Vec<TelemetryItem>) -
             return out;
         }
     };
+    let mut dead: Vec<DeadPoint> = items
+        .iter()
+        .filter_map(|i| {
+            refused
+                .get(&i.device.id)
+                .map(|e| (i.id, i.device.id, e.clone()))
+        })
+        .collect();
     let points: Vec<OutPoint<'_>> = items
         .iter()
+        .filter(|i| !refused.contains_key(&i.device.id))
         .filter(|i| accepted.get(&i.device.id).copied().unwrap_or(true))
         .map(|item| OutPoint {
             remote_id: ids[&item.device.id].as_str(),
@@ -1162,9 +1179,10 @@ async fn deliver<U: Uplink>(shared: Arc<Shared<U>>, items: Vec<TelemetryItem>) -
         })
         .collect();
     if points.is_empty() {
+        out.result = Ok(dead);
         return out;
     }
-    let mut dead = Vec::new();
+    let refused_points = dead.len();
     match send_bisecting(&shared.uplink, &points, &mut dead).await {
         Ok(()) => {}
         Err(e) if is_missing_parent(&e) => {
@@ -1196,7 +1214,7 @@ async fn deliver<U: Uplink>(shared: Arc<Shared<U>>, items: Vec<TelemetryItem>) -
         let at = newest.entry(p.remote_id).or_insert(p.item.received_at);
         *at = (*at).max(p.item.received_at);
     }
-    out.sent = (points.len() - dead.len()) as u64;
+    out.sent = (points.len() + refused_points - dead.len()) as u64;
     out.seen = newest
         .into_iter()
         .map(|(id, at)| (id.to_owned(), at))
@@ -1240,9 +1258,10 @@ mod refused_device_tests {
     use crate::store::OpenOptions;
     use std::sync::atomic::{AtomicU64, Ordering};
 
-    /// A cloud that refuses to register the device (a permanent 4xx).
+    /// A cloud that refuses to register device `bad` (a permanent 4xx) and takes the rest.
     struct Refusing {
         registers: Arc<AtomicU64>,
+        sent: Arc<Mutex<Vec<i64>>>,
     }
 
     impl Uplink for Refusing {
@@ -1254,10 +1273,16 @@ mod refused_device_tests {
         }
         async fn register(
             &self,
-            _device: &DeviceIdent,
+            device: &DeviceIdent,
             _row: Option<&OutboxRow>,
         ) -> Result<Registered, CloudError> {
             self.registers.fetch_add(1, Ordering::SeqCst);
+            if device.key.as_str() != "bad" {
+                return Ok(Registered {
+                    id: format!("nn-{}", device.key),
+                    delivered: false,
+                });
+            }
             Err(crate::cloud::status_error(
                 Target::NetNeural,
                 "POST /rest/v1/devices",
@@ -1273,7 +1298,11 @@ mod refused_device_tests {
         async fn send_row(&self, _: &str, _: &OutboxRow) -> Result<(), CloudError> {
             Ok(())
         }
-        async fn send_telemetry(&self, _: &[OutPoint<'_>]) -> Result<(), CloudError> {
+        async fn send_telemetry(&self, points: &[OutPoint<'_>]) -> Result<(), CloudError> {
+            self.sent
+                .lock()
+                .unwrap()
+                .extend(points.iter().map(|p| p.item.id));
             Ok(())
         }
         async fn touch(&self, _: &[(String, UnixMillis)]) -> Result<(), CloudError> {
@@ -1285,7 +1314,7 @@ mod refused_device_tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_batch_whose_device_cannot_register_waits_out_the_backoff_instead_of_a_hot_loop() {
+    async fn a_device_the_cloud_refuses_dead_letters_its_points_and_holds_up_no_one_else() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gateway.db");
         let opts = OpenOptions {
@@ -1296,25 +1325,32 @@ mod refused_device_tests {
         drop(crate::store::Db::open(&path, &opts).unwrap());
         {
             let c = rusqlite::Connection::open(&path).unwrap();
-            c.execute(
-                "INSERT INTO device(key, origin, first_seen) VALUES ('d0','mqtt',0)",
-                [],
-            )
-            .unwrap();
-            c.execute(
-                "INSERT INTO telemetry(device_id, device_ts, received_at, payload, content_type)
-                 VALUES (1, NULL, 1, '{\"t\":1}', 'application/json')",
-                [],
-            )
-            .unwrap();
+            for key in ["bad", "good"] {
+                c.execute(
+                    "INSERT INTO device(key, origin, first_seen) VALUES (?1,'mqtt',0)",
+                    [key],
+                )
+                .unwrap();
+            }
+            // Points 1..=6 alternate: the refused device's are the odd ones.
+            for i in 0..6 {
+                c.execute(
+                    "INSERT INTO telemetry(device_id, device_ts, received_at, payload, content_type)
+                     VALUES (?1, NULL, 1, '{\"t\":1}', 'application/json')",
+                    [1 + i % 2],
+                )
+                .unwrap();
+            }
         }
         let store = Store::open(&path, &opts).unwrap();
         let registers = Arc::new(AtomicU64::new(0));
+        let sent = Arc::new(Mutex::new(Vec::new()));
         let tracker = TaskTracker::new();
         let shutdown = CancellationToken::new();
         spawn(
             Refusing {
                 registers: registers.clone(),
+                sent: sent.clone(),
             },
             LaneConfig {
                 concurrency: 4,
@@ -1343,6 +1379,25 @@ mod refused_device_tests {
             n <= 3,
             "{n} registration attempts in 2 s for one refused device (retry_min 1 s)"
         );
+        assert_eq!(
+            *sent.lock().unwrap(),
+            [2, 4, 6],
+            "the other device's points went"
+        );
+        let dead: Vec<i64> = store
+            .call(|db| Ok(db.queue(10)?.rows.iter().map(|r| r.id).collect()))
+            .await
+            .unwrap();
+        assert_eq!(
+            dead,
+            [1, 3, 5],
+            "the refused device's points are dead letters"
+        );
+        let cursor = store
+            .call(|db| db.telemetry_cursor(Target::NetNeural))
+            .await
+            .unwrap();
+        assert_eq!(cursor, Some(6), "the cursor moved past them");
     }
 }
 
