@@ -256,7 +256,9 @@ pub fn rejected(path: &Path, limit: usize, json: bool) -> Result<String, StoreEr
         return Ok(to_json(&rows));
     }
     let mut out = String::new();
-    if rows.is_empty() {
+    if rows.is_empty() && limit == 0 {
+        out.push_str("nothing shown with --limit 0\n");
+    } else if rows.is_empty() {
         out.push_str("no rejected messages kept\n");
     }
     for r in &rows {

@@ -161,7 +161,12 @@ fn init_tracing(log: &LogConfig) -> anyhow::Result<FilterHandle> {
         registry.with(layer).init();
     } else {
         registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    // Colour only for a person at a terminal, not in a file, pipe or journal.
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+            )
             .init();
     }
     Ok(handle)

@@ -196,7 +196,8 @@ pub struct GoliothConfig {
     pub retry_min: Duration,
     #[serde(with = "humantime_serde")]
     pub retry_max: Duration,
-    #[serde(skip_deserializing)]
+    /// Read from `api_key_file` or the credential at load time; never written out.
+    #[serde(skip)]
     pub api_key: Option<Secret>,
 }
 
@@ -302,7 +303,8 @@ pub struct NetNeuralConfig {
     pub retry_max: Duration,
     /// Telemetry points per bulk insert.
     pub telemetry_batch: usize,
-    #[serde(skip_deserializing)]
+    /// Read from `api_key_file` or the credential at load time; never written out.
+    #[serde(skip)]
     pub api_key: Option<Secret>,
 }
 
@@ -450,5 +452,32 @@ mod tests {
         assert!(e.to_string().contains("cloud_id"), "{e}");
         let e = load("[netneural]\nenabled = true\nurl = \"https://x.supabase.co\"\norganization_id = \"o\"\n", &[]).unwrap_err();
         assert_eq!(e.key.as_deref(), Some("netneural.integration_id"), "{e}");
+    }
+
+    #[test]
+    fn check_config_output_loads_again_with_every_secret_set_and_shows_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k");
+        std::fs::write(&key, "SECRET-VALUE\n").unwrap();
+        let key = format!("{:?}", key.display().to_string());
+        let cfg = load(
+            &format!(
+                "[mqtt]\nusername = \"u\"\npassword_file = {key}\n\
+                 [golioth]\nenabled = true\nproject_id = \"p\"\napi_key_file = {key}\n\
+                 [netneural]\nenabled = true\nurl = \"https://x.supabase.co\"\n\
+                 organization_id = \"o\"\nintegration_id = \"i\"\napi_key_file = {key}\n"
+            ),
+            &[],
+        )
+        .unwrap();
+        assert!(cfg.mqtt.password.is_some() && cfg.golioth.api_key.is_some());
+        let shown = cfg.to_toml();
+        assert!(!shown.contains("SECRET"), "{shown}");
+        let again = load(&shown, &[]).unwrap();
+        assert_eq!(
+            again.to_toml(),
+            shown,
+            "check-config output is a config that loads"
+        );
     }
 }

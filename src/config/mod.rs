@@ -130,7 +130,8 @@ pub struct MqttConfig {
     /// File holding the broker password (first line); or credential `mqtt-password`.
     pub password_file: Option<PathBuf>,
     /// Read from `password_file` or the credential at load time.
-    #[serde(skip_deserializing)]
+    /// Never written out either: `check-config` prints a configuration that loads again.
+    #[serde(skip)]
     pub password: Option<Secret>,
     #[serde(with = "humantime_serde")]
     pub keep_alive: Duration,
@@ -148,7 +149,7 @@ pub struct MqttConfig {
 /// Largest packet the MQTT client will read. A larger one would make rumqttc drop the
 /// connection and the broker resend it forever, so this is far above `mqtt.max_message_size`:
 /// such messages are read, acknowledged and rejected by the router instead. Set the broker's
-/// `message_size_limit` below it.
+/// `max_packet_size` below it.
 pub const MAX_WIRE_PACKET: usize = 16 * 1024 * 1024;
 
 impl Default for MqttConfig {
