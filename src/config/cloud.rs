@@ -480,4 +480,12 @@ mod tests {
             "check-config output is a config that loads"
         );
     }
+
+    #[test]
+    fn a_log_level_run_would_refuse_is_refused_at_load_naming_the_key() {
+        let e = load("[log]\nlevel = \"nn_gateway=loud\"\n", &[]).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("log.level"), "{e}");
+        assert!(e.to_string().contains("g.toml"), "{e}");
+        assert!(load("[log]\nlevel = \"nn_gateway=debug,rumqttc=warn\"\n", &[]).is_ok());
+    }
 }

@@ -416,6 +416,17 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        // The same check `run` makes when it sets up logging, so `check-config` agrees with it.
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(ConfigError::at(
+                origin,
+                "log.level",
+                format!("{:?}", self.log.level),
+                &format!(
+                    "not a log filter ({e}); e.g. \"info\", \"debug\" or \"nn_gateway=debug,rumqttc=warn\""
+                ),
+            ));
+        }
         if self.gateway.downlink_poll.is_zero() {
             return Err(ConfigError::at(
                 origin,
