@@ -28,7 +28,7 @@ struct Args {
 enum Command {
     /// Run the gateway daemon.
     Run,
-    /// Print the effective configuration (secrets redacted), or the first problem in it.
+    /// Print the effective configuration (secrets left out; it loads again as a config), or the first problem in it.
     CheckConfig,
     /// Counts: devices, telemetry, outbox per cloud and state, rejected, database size.
     Status {
@@ -173,6 +173,14 @@ fn init_tracing(log: &LogConfig) -> anyhow::Result<FilterHandle> {
 }
 
 fn run_daemon(config: Config, source: Source) -> anyhow::Result<()> {
+    // Before binding anything: a second daemon on the same database is refused for what it
+    // is (the store's lock, taken at open, still decides), not for an address in use.
+    if let Some(pid) = nn_gateway::store::running_daemon_pid(&config.storage.path) {
+        anyhow::bail!(
+            "{}: another nn-gateway (pid {pid}) is running on this database; stop it first",
+            config.storage.path.display()
+        );
+    }
     let filter = init_tracing(&config.log)?;
     let notifier = Notifier::from_env();
     let runtime = tokio::runtime::Builder::new_multi_thread()

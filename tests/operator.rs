@@ -55,7 +55,7 @@ fn check_config_names_the_file_and_key_of_a_mistake_and_exits_non_zero() {
 }
 
 #[test]
-fn check_config_prints_the_effective_config_with_secrets_redacted() {
+fn check_config_prints_the_effective_config_without_secrets() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("golioth.key");
     std::fs::write(&key, "sup3r-s3cret-golioth-key\n").unwrap();
@@ -75,7 +75,9 @@ fn check_config_prints_the_effective_config_with_secrets_redacted() {
     assert!(out.status.success(), "{}", text(&out));
     let shown = text(&out);
     assert!(!shown.contains("sup3r-s3cret"), "the key leaked:\n{shown}");
-    assert!(shown.contains("api_key = \"<redacted>\""), "{shown}");
+    // The file it comes from, never the value, and no key the loader would refuse.
+    assert!(shown.contains("api_key_file = "), "{shown}");
+    assert!(!shown.contains("api_key = "), "{shown}");
     assert!(
         shown.contains("port = 18830"),
         "environment applied:\n{shown}"
@@ -222,4 +224,47 @@ fn without_a_broker_the_daemon_keeps_running_and_logs_the_outage_once() {
     assert!(clean_exit, "{log}");
     assert_eq!(log.matches("cannot reach broker").count(), 1, "{log}");
     assert!(log.contains("gateway ready"), "{log}");
+}
+
+#[test]
+fn a_second_run_on_the_same_database_is_refused_with_the_first_ones_pid_not_an_address_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("gateway.db");
+    let port = support::free_port().to_string();
+    let env = [
+        ("NNGW_STORAGE__PATH", db.to_str().unwrap()),
+        ("NNGW_MQTT__PORT", "1"),
+        // A fixed CoAP port, so that the second daemon would collide on it if it got that far.
+        ("NNGW_COAP__BIND", &format!("127.0.0.1:{port}")),
+    ];
+    let mut first = support::KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_nn-gateway"))
+            .arg("run")
+            .envs(env)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !nn_gateway::store::daemon_running(&db) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "first daemon never took its lock"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nn-gateway"))
+        .arg("run")
+        .envs(env)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("another nn-gateway (pid {})", first.0.id())),
+        "{err}"
+    );
+    assert!(!err.contains("Address already in use"), "{err}");
+    first.kill();
 }

@@ -144,6 +144,15 @@ pub fn daemon_running(path: &std::path::Path) -> bool {
     }
 }
 
+/// The pid a running daemon wrote into the database's lock file, if a daemon holds it.
+pub fn running_daemon_pid(path: &std::path::Path) -> Option<String> {
+    if !daemon_running(path) {
+        return None;
+    }
+    let pid = std::fs::read_to_string(lock_path(path)).unwrap_or_default();
+    Some(pid.trim().to_owned())
+}
+
 /// Takes `<database>.lock` exclusively, for as long as the returned file is open: one daemon
 /// per database. Two would ingest the same broker session twice over and fight over its client
 /// id. Operator commands do not take it; WAL lets them work beside the daemon.
