@@ -280,8 +280,12 @@ pub fn rejected(path: &Path, limit: usize, json: bool) -> Result<String, StoreEr
 /// Why `desired set` refused its arguments.
 #[derive(Debug, thiserror::Error)]
 pub enum DesiredError {
-    #[error("device {0}")]
+    #[error("{0}")]
     Device(String),
+    #[error(
+        "no device {0} in the database; check the key (nn-gateway devices) or pass --create to make a new one"
+    )]
+    Unknown(String),
     #[error("desired document is not valid JSON: {0}")]
     Json(String),
     #[error("desired document must be a JSON object, got {0}")]
@@ -290,22 +294,25 @@ pub enum DesiredError {
     Store(#[from] StoreError),
 }
 
-/// `nn-gateway desired set DEVICE JSON`: the local operator's edit. The running daemon
-/// publishes it at its next downlink poll.
-pub fn set_desired(path: &Path, device: &str, json: &str) -> Result<String, DesiredError> {
+/// `nn-gateway desired set DEVICE JSON [--create]`: the local operator's edit. The running
+/// daemon publishes it at its next downlink poll. A device the gateway does not know is refused
+/// unless `create` (a typo must not make a phantom device with a retained message); a missing
+/// database is refused, never created.
+pub fn set_desired(
+    path: &Path,
+    device: &str,
+    json: &str,
+    create: bool,
+) -> Result<String, DesiredError> {
     let key = DeviceKey::parse(device).map_err(DesiredError::Device)?;
     let doc: Value = serde_json::from_str(json).map_err(|e| DesiredError::Json(e.to_string()))?;
     if !doc.is_object() {
         return Err(DesiredError::NotObject(doc.to_string()));
     }
-    // Opened like the daemon opens it (migrating a fresh file) but with no cloud targets:
-    // this command writes no outbox rows.
-    let opts = OpenOptions {
-        synchronous: crate::config::Synchronous::Full,
-        targets: Vec::new(),
-        rejected_keep: 0,
-    };
-    let mut db = Db::open(path, &opts)?;
+    let mut db = open_writable(path)?;
+    if !create && !db.device_exists(&key)? {
+        return Err(DesiredError::Unknown(key.to_string()));
+    }
     let stored = db.set_desired(&key, &doc, Origin::Local)?;
     Ok(format!(
         "desired state of {} is now version {}: {}\n",

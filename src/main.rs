@@ -15,7 +15,14 @@ use nn_gateway::config::{Config, LogConfig, LogFormat, Source};
 use nn_gateway::{cli, daemon, notify::Notifier};
 
 #[derive(Parser)]
-#[command(name = "nn-gateway", version, about = "NetNeural site gateway")]
+#[command(
+    name = "nn-gateway",
+    version,
+    about = "NetNeural site gateway",
+    after_help = "Every configuration key can be set from the environment: NNGW_<SECTION>__<KEY>, \
+                  e.g. NNGW_MQTT__PORT=18830 or NNGW_STORAGE__PATH=/var/lib/nn-gateway/gateway.db \
+                  (see config/gateway.toml)."
+)]
 struct Args {
     /// Configuration file (TOML). Without it the embedded default (config/gateway.toml) is used.
     #[arg(short, long, global = true)]
@@ -32,25 +39,31 @@ enum Command {
     CheckConfig,
     /// Counts: devices, telemetry, outbox per cloud and state, rejected, database size.
     Status {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Each device with its reported and desired documents.
     Devices {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// The newest rejected messages and why they were refused.
     Rejected {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// How many of the newest to show.
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
     /// What is owed to each cloud: telemetry backlog, rows in flight, dead and pending.
     Queue {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// How many rows to list at most.
         #[arg(long, default_value_t = 50)]
         limit: usize,
         #[command(subcommand)]
@@ -79,7 +92,15 @@ enum QueueAction {
 #[derive(Subcommand)]
 enum DesiredAction {
     /// Replace a device's desired document; the running daemon publishes it to the device.
-    Set { device: String, json: String },
+    Set {
+        /// The device key, as in its MQTT topic or CoAP path (see `nn-gateway devices`).
+        device: String,
+        /// The whole desired document, a JSON object, e.g. '{"led":"on"}'.
+        json: String,
+        /// Create the device if the gateway does not know it yet.
+        #[arg(long)]
+        create: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -129,8 +150,13 @@ fn real_main(args: Args) -> anyhow::Result<()> {
             cli::queue_retry(&db, which)?
         }
         Command::Desired {
-            action: DesiredAction::Set { device, json },
-        } => cli::set_desired(&db, &device, &json)?,
+            action:
+                DesiredAction::Set {
+                    device,
+                    json,
+                    create,
+                },
+        } => cli::set_desired(&db, &device, &json, create)?,
     };
     print!("{out}");
     Ok(())

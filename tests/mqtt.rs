@@ -145,8 +145,9 @@ async fn a_desired_edit_reaches_a_subscriber_as_a_retained_message() {
     let site = Site::start("gw-desired").await;
 
     // The operator's edit, made the way `nn-gateway desired set` makes it (another connection).
-    let out = nn_gateway::cli::set_desired(&site.gw.db, "valve-7", r#"{"open":true,"limit":40}"#)
-        .unwrap();
+    let out =
+        nn_gateway::cli::set_desired(&site.gw.db, "valve-7", r#"{"open":true,"limit":40}"#, true)
+            .unwrap();
     assert!(out.contains("version 1"), "{out}");
 
     // Published retained: a subscriber that arrives later still gets it.
@@ -173,7 +174,7 @@ async fn a_desired_edit_reaches_a_subscriber_as_a_retained_message() {
     );
 
     // A second edit reaches the live subscriber.
-    nn_gateway::cli::set_desired(&site.gw.db, "valve-7", r#"{"open":false}"#).unwrap();
+    nn_gateway::cli::set_desired(&site.gw.db, "valve-7", r#"{"open":false}"#, true).unwrap();
     let msg = tokio::time::timeout(WAIT, dev.events.recv())
         .await
         .unwrap()
@@ -239,8 +240,13 @@ async fn desired_edits_made_while_the_broker_is_down_are_published_when_it_comes
     let dir = tempfile::tempdir().unwrap();
     let gw = Gateway::start(config(dir.path(), port, "gw-late-broker")).await;
     for d in 0..3 {
-        nn_gateway::cli::set_desired(&gw.db, &format!("late-{d}"), &format!(r#"{{"d":{d}}}"#))
-            .unwrap();
+        nn_gateway::cli::set_desired(
+            &gw.db,
+            &format!("late-{d}"),
+            &format!(r#"{{"d":{d}}}"#),
+            true,
+        )
+        .unwrap();
     }
     // Several downlink passes find no broker.
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -175,6 +175,7 @@ async fn desired_set_reaches_an_mqtt_subscriber_and_a_coap_observer() {
                 "set",
                 "lamp-9",
                 &format!(r#"{{"level":{level}}}"#),
+                "--create",
             ],
             &[("NNGW_STORAGE__PATH", &db)],
         );
@@ -267,4 +268,60 @@ fn a_second_run_on_the_same_database_is_refused_with_the_first_ones_pid_not_an_a
     );
     assert!(!err.contains("Address already in use"), "{err}");
     first.kill();
+}
+
+#[test]
+fn desired_set_refuses_an_unknown_device_without_create_and_never_makes_a_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("gateway.db");
+    let db_env = [("NNGW_STORAGE__PATH", db.to_str().unwrap())];
+    // No database yet (the daemon never ran here): refused, and none is created.
+    let out = gateway(&["desired", "set", "lamp-1", r#"{"on":true}"#], &db_env);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("no database here yet"),
+        "{}",
+        text(&out)
+    );
+    assert!(!db.exists(), "an operator command created a database");
+
+    // A database that knows one device.
+    nn_gateway::store::Db::open(
+        &db,
+        &nn_gateway::store::OpenOptions {
+            synchronous: nn_gateway::config::Synchronous::Normal,
+            targets: Vec::new(),
+            rejected_keep: 10,
+        },
+    )
+    .unwrap()
+    .set_desired(
+        &nn_gateway::model::DeviceKey::parse("lamp-1").unwrap(),
+        &json!({}),
+        nn_gateway::model::Origin::Local,
+    )
+    .unwrap();
+    let typo = gateway(&["desired", "set", "lamp-l", r#"{"on":true}"#], &db_env);
+    assert!(!typo.status.success());
+    assert!(
+        text(&typo).contains("no device lamp-l") && text(&typo).contains("--create"),
+        "{}",
+        text(&typo)
+    );
+    let known = gateway(&["desired", "set", "lamp-1", r#"{"on":true}"#], &db_env);
+    assert!(known.status.success(), "{}", text(&known));
+    let created = gateway(
+        &["desired", "set", "lamp-2", r#"{"on":true}"#, "--create"],
+        &db_env,
+    );
+    assert!(created.status.success(), "{}", text(&created));
+    let devices = gateway(&["devices", "--json"], &db_env);
+    let keys: Vec<String> = serde_json::from_slice::<Vec<Value>>(&devices.stdout)
+        .unwrap()
+        .iter()
+        .map(|d| d["key"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(keys, ["lamp-1", "lamp-2"], "no phantom lamp-l");
+    let bad = gateway(&["desired", "set", "a/b", "{}"], &db_env);
+    assert!(!text(&bad).contains("device device"), "{}", text(&bad));
 }

@@ -139,7 +139,7 @@ async fn each_desired_change_is_published_once_however_many_polls_pass() {
     subscribe_desired(&mut early).await;
 
     let set = |device: &str, doc: &str| {
-        nn_gateway::cli::set_desired(&site.gw.db, device, doc).unwrap();
+        nn_gateway::cli::set_desired(&site.gw.db, device, doc, true).unwrap();
     };
     set("valve-1", r#"{"open":true}"#);
     all_published(&site.gw.db).await;

@@ -14,6 +14,19 @@ use super::write::upsert_device;
 use crate::model::{DesiredDoc, DeviceKey, Origin, UnixMillis};
 
 impl Db {
+    /// Whether the mirror knows this device (deleted or not).
+    pub fn device_exists(&self, device: &DeviceKey) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT 1 FROM device WHERE key = ?1",
+                [device.as_str()],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
     /// Replaces a device's desired document (the local operator's edit, or a merged cloud
     /// value), creating the device if it is new. Returns the stored document.
     pub fn set_desired(
