@@ -333,10 +333,20 @@ impl Config {
             .build()
             .and_then(|c| c.try_deserialize())
             .map_err(|e| {
+                let key = failed_key(&e);
+                let message = e.to_string();
+                // An unknown key is reported against its table; name the whole key, so that
+                // one set from the environment is blamed on its variable.
+                let key = match (unknown_field(&message), &key) {
+                    (Some(field), Some(table)) => Some(format!("{table}.{field}")),
+                    (Some(field), None) => Some(field.to_owned()),
+                    _ => key,
+                };
+                let hint = hint(&message, key.as_deref());
                 blame(ConfigError {
                     origin: origin.clone(),
-                    message: e.to_string(),
-                    key: failed_key(&e),
+                    message: format!("{message}{hint}"),
+                    key,
                 })
             })?;
         cfg.validate(&origin).map_err(blame)?;
@@ -504,6 +514,34 @@ impl Config {
 
 /// The key a value refused while deserializing sits at (a topic template that does not parse,
 /// a number out of range), when the loader knows it.
+/// The field of an "unknown field `x`" message.
+fn unknown_field(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("unknown field `")?;
+    rest.split('`').next()
+}
+
+/// What to write instead, for the mistakes the deserializer's words leave unclear.
+fn hint(message: &str, key: Option<&str>) -> String {
+    let allowed = match key {
+        Some("storage.synchronous") => Some("\"full\" or \"normal\""),
+        Some("log.format") => Some("\"auto\", \"text\" or \"journald\""),
+        Some(k) if k.ends_with("_format") => Some("\"auto\", \"json\" or \"cbor\""),
+        _ => None,
+    };
+    if message.contains("variant")
+        && let Some(allowed) = allowed
+    {
+        return format!("; allowed: {allowed}");
+    }
+    if message.contains("socket address") {
+        return "; write it as \"host:port\", e.g. \"0.0.0.0:5683\"".into();
+    }
+    if message.contains("expected a duration") {
+        return "; write durations as strings with a unit, e.g. \"30s\", \"500ms\", \"5m\"".into();
+    }
+    String::new()
+}
+
 fn failed_key(e: &config::ConfigError) -> Option<String> {
     match e {
         config::ConfigError::At { key, .. } | config::ConfigError::Type { key, .. } => key.clone(),

@@ -310,3 +310,28 @@ fn topic_templates_are_held_parsed_and_written_back_as_strings() {
         cfg.to_toml()
     );
 }
+
+#[test]
+fn errors_say_what_to_write_instead() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "[storage]\nsynchronous = \"fsync\"\n",
+            "allowed: \"full\" or \"normal\"",
+        ),
+        ("[coap]\nbind = \"0.0.0.0\"\n", "\"host:port\""),
+        ("[mqtt]\nkeep_alive = 30\n", "\"30s\""),
+        ("[log]\nformat = \"json\"\n", "\"journald\""),
+    ];
+    for (text, hint) in cases {
+        let file = write(&dir, "g.toml", text);
+        let e = Config::load_with(&Source::File(file), &[], None).unwrap_err();
+        assert!(e.to_string().contains(hint), "{text:?}: {e}");
+    }
+    let e =
+        Config::load_with(&Source::Embedded, &env(&[("NNGW_MQTT__BOGUS", "1")]), None).unwrap_err();
+    assert!(
+        e.origin.contains("NNGW_MQTT__BOGUS"),
+        "an unknown variable is blamed on itself: {e}"
+    );
+}
