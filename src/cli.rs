@@ -249,6 +249,64 @@ fn doc(value: Option<&Value>, version: Option<i64>) -> String {
     }
 }
 
+/// `--since` of `nn-gateway telemetry`: a duration back from now ("1h", "30m") or an RFC 3339
+/// time.
+///
+/// # Errors
+/// A sentence naming the value and the two forms.
+pub fn parse_since(
+    raw: &str,
+    now: crate::model::UnixMillis,
+) -> Result<crate::model::UnixMillis, String> {
+    if let Ok(d) = humantime::parse_duration(raw) {
+        let back = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        return Ok(crate::model::UnixMillis(now.0.saturating_sub(back)));
+    }
+    time::OffsetDateTime::parse(raw, &time::format_description::well_known::Rfc3339)
+        .map(|t| crate::model::UnixMillis((t.unix_timestamp_nanos() / 1_000_000) as i64))
+        .map_err(|_| {
+            format!("--since {raw:?}: give a duration back from now (\"1h\", \"30m\") or an RFC 3339 time (\"2026-12-03T10:00:00Z\")")
+        })
+}
+
+/// `nn-gateway telemetry DEVICE`: its newest points, newest first.
+///
+/// # Errors
+/// An unknown device, a bad key, or the store's error.
+pub fn telemetry(
+    path: &Path,
+    device: &str,
+    since: Option<crate::model::UnixMillis>,
+    limit: usize,
+    json: bool,
+) -> Result<String, DeviceCommandError> {
+    let key = DeviceKey::parse(device).map_err(DeviceCommandError::Device)?;
+    let db = Db::open_readonly(path)?;
+    if !db.device_exists(&key)? {
+        return Err(DeviceCommandError::Unknown(key.to_string()));
+    }
+    let points = db.telemetry_of(&key, since, limit)?;
+    if json {
+        return Ok(to_json(&points));
+    }
+    let mut out = String::new();
+    if points.is_empty() {
+        out.push_str("no telemetry points\n");
+    }
+    for p in &points {
+        let _ = writeln!(
+            out,
+            "{}  {}{}",
+            p.received_at.to_rfc3339(),
+            p.payload,
+            p.device_ts
+                .map(|t| format!("  (device time {})", t.to_rfc3339()))
+                .unwrap_or_default()
+        );
+    }
+    Ok(out)
+}
+
 /// `nn-gateway rejected`.
 pub fn rejected(path: &Path, limit: usize, json: bool) -> Result<String, StoreError> {
     let rows = Db::open_readonly(path)?.rejected(limit)?;
@@ -279,7 +337,7 @@ pub fn rejected(path: &Path, limit: usize, json: bool) -> Result<String, StoreEr
 
 /// Why `desired set` refused its arguments.
 #[derive(Debug, thiserror::Error)]
-pub enum DesiredError {
+pub enum DeviceCommandError {
     #[error("{0}")]
     Device(String),
     #[error(
@@ -303,15 +361,16 @@ pub fn set_desired(
     device: &str,
     json: &str,
     create: bool,
-) -> Result<String, DesiredError> {
-    let key = DeviceKey::parse(device).map_err(DesiredError::Device)?;
-    let doc: Value = serde_json::from_str(json).map_err(|e| DesiredError::Json(e.to_string()))?;
+) -> Result<String, DeviceCommandError> {
+    let key = DeviceKey::parse(device).map_err(DeviceCommandError::Device)?;
+    let doc: Value =
+        serde_json::from_str(json).map_err(|e| DeviceCommandError::Json(e.to_string()))?;
     if !doc.is_object() {
-        return Err(DesiredError::NotObject(doc.to_string()));
+        return Err(DeviceCommandError::NotObject(doc.to_string()));
     }
     let mut db = open_writable(path)?;
     if !create && !db.device_exists(&key)? {
-        return Err(DesiredError::Unknown(key.to_string()));
+        return Err(DeviceCommandError::Unknown(key.to_string()));
     }
     let stored = db.set_desired(&key, &doc, Origin::Local)?;
     Ok(format!(
@@ -343,4 +402,22 @@ fn to_json<T: serde::Serialize>(v: &T) -> String {
         serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
     s.push('\n');
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::UnixMillis;
+
+    #[test]
+    fn since_takes_a_duration_back_from_now_or_an_rfc3339_time() {
+        let now = UnixMillis(1_700_000_000_000);
+        assert_eq!(parse_since("1h", now), Ok(UnixMillis(now.0 - 3_600_000)));
+        assert_eq!(
+            parse_since("2023-11-14T22:13:20.123Z", now),
+            Ok(UnixMillis(1_700_000_000_123))
+        );
+        let e = parse_since("yesterday", now).unwrap_err();
+        assert!(e.contains("\"yesterday\"") && e.contains("1h"), "{e}");
+    }
 }

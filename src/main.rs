@@ -58,6 +58,21 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
+    /// A device's telemetry points, newest first.
+    Telemetry {
+        /// The device key (see `nn-gateway devices`).
+        device: String,
+        /// Only points received since: a duration back from now ("1h", "30m") or an RFC 3339
+        /// time.
+        #[arg(long)]
+        since: Option<String>,
+        /// How many points at most.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// What is owed to each cloud: telemetry backlog, rows in flight, dead and pending.
     Queue {
         /// Print JSON instead of text.
@@ -134,6 +149,18 @@ fn real_main(args: Args) -> anyhow::Result<()> {
         Command::Status { json } => cli::status(&db, json)?,
         Command::Devices { json } => cli::devices(&db, json)?,
         Command::Rejected { json, limit } => cli::rejected(&db, limit, json)?,
+        Command::Telemetry {
+            device,
+            since,
+            limit,
+            json,
+        } => {
+            let since = since
+                .map(|s| cli::parse_since(&s, nn_gateway::model::UnixMillis::now()))
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            cli::telemetry(&db, &device, since, limit, json)?
+        }
         Command::Queue {
             json,
             limit,

@@ -325,3 +325,65 @@ fn desired_set_refuses_an_unknown_device_without_create_and_never_makes_a_databa
     let bad = gateway(&["desired", "set", "a/b", "{}"], &db_env);
     assert!(!text(&bad).contains("device device"), "{}", text(&bad));
 }
+
+#[test]
+fn telemetry_shows_a_devices_points_newest_first_since_a_time_and_limited() {
+    use nn_gateway::model::{
+        DeviceKey, Format, Inbound, Origin, Point, Reading, UnixMillis, WriteOp,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("gateway.db");
+    let mut db = nn_gateway::store::Db::open(
+        &db_path,
+        &nn_gateway::store::OpenOptions {
+            synchronous: nn_gateway::config::Synchronous::Normal,
+            targets: Vec::new(),
+            rejected_keep: 10,
+        },
+    )
+    .unwrap();
+    let now = UnixMillis::now().0;
+    let ops: Vec<WriteOp> = (0..5)
+        .map(|i| {
+            WriteOp::Ingest(Inbound {
+                device: DeviceKey::parse("meter-1").unwrap(),
+                origin: Origin::Mqtt,
+                format: Format::Json,
+                // Two hours ago for the first two, now for the rest.
+                received_at: UnixMillis(if i < 2 { now - 7_200_000 } else { now }),
+                reading: Reading::Telemetry(vec![Point {
+                    device_ts: None,
+                    data: json!({ "kwh": i }).as_object().unwrap().clone(),
+                }]),
+                mqtt: None,
+            })
+        })
+        .collect();
+    for r in db.apply_batch(&ops) {
+        r.unwrap();
+    }
+    drop(db);
+    let env = [("NNGW_STORAGE__PATH", db_path.to_str().unwrap())];
+    let kwh = |args: &[&str]| -> Vec<i64> {
+        let out = gateway(args, &env);
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice::<Vec<Value>>(&out.stdout)
+            .unwrap()
+            .iter()
+            .map(|p| p["payload"]["kwh"].as_i64().unwrap())
+            .collect()
+    };
+    assert_eq!(kwh(&["telemetry", "meter-1", "--json"]), [4, 3, 2, 1, 0]);
+    assert_eq!(
+        kwh(&["telemetry", "meter-1", "--json", "--limit", "2"]),
+        [4, 3]
+    );
+    assert_eq!(
+        kwh(&["telemetry", "meter-1", "--json", "--since", "1h"]),
+        [4, 3, 2]
+    );
+    let shown = text(&gateway(&["telemetry", "meter-1"], &env));
+    assert!(shown.contains("{\"kwh\":4}"), "{shown}");
+    let unknown = gateway(&["telemetry", "meter-2"], &env);
+    assert!(!unknown.status.success() && text(&unknown).contains("no device meter-2"));
+}

@@ -9,11 +9,41 @@ use serde_json::Value;
 use super::StoreError;
 use super::db::Db;
 use super::doc::parse_doc;
-use super::views::DeviceView;
+use super::views::{DeviceView, TelemetryView};
 use super::write::upsert_device;
 use crate::model::{DesiredDoc, DeviceKey, Origin, UnixMillis};
 
 impl Db {
+    /// A device's newest telemetry points, newest first, received at or after `since`.
+    pub fn telemetry_of(
+        &self,
+        device: &DeviceKey,
+        since: Option<UnixMillis>,
+        limit: usize,
+    ) -> Result<Vec<TelemetryView>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT t.id, t.device_ts, t.received_at, t.payload
+             FROM telemetry t JOIN device v ON v.id = t.device_id
+             WHERE v.key = ?1 AND t.received_at >= ?2 ORDER BY t.id DESC LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(
+            params![
+                device.as_str(),
+                since.map_or(i64::MIN, |t| t.0),
+                limit as i64
+            ],
+            |r| {
+                Ok(TelemetryView {
+                    id: r.get(0)?,
+                    device_ts: r.get::<_, Option<i64>>(1)?.map(UnixMillis),
+                    received_at: UnixMillis(r.get(2)?),
+                    payload: parse_doc(&r.get::<_, String>(3)?),
+                })
+            },
+        )?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
     /// Whether the mirror knows this device (deleted or not).
     pub fn device_exists(&self, device: &DeviceKey) -> Result<bool, StoreError> {
         Ok(self

@@ -88,6 +88,18 @@ pub struct DeviceView {
     pub telemetry_points: i64,
 }
 
+/// One telemetry point for `nn-gateway telemetry`.
+#[derive(Clone, Debug, Serialize)]
+pub struct TelemetryView {
+    pub id: i64,
+    /// The device's own timestamp, if it sent one.
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub device_ts: Option<UnixMillis>,
+    #[serde(serialize_with = "rfc3339")]
+    pub received_at: UnixMillis,
+    pub payload: Value,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct RejectedView {
     #[serde(serialize_with = "rfc3339")]
