@@ -96,6 +96,9 @@ const DESIRED_QUEUE: usize = 256;
 /// drop it) keep the delay growing, so a persistent fault cannot become a reconnect storm.
 pub const STABLE_AFTER: Duration = Duration::from_secs(30);
 
+/// How often a broker outage that goes on is logged again (with the attempts since).
+const CALM_LOG: Duration = Duration::from_secs(60);
+
 /// Longest wait for the broker to take a batch of PUBACKs before the connection is dropped.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -234,6 +237,10 @@ impl Driver {
     async fn run(mut self, shutdown: CancellationToken, drain: Duration) {
         let filters = self.router.filters();
         let mut last_problem: Option<Problem> = None;
+        // Failed attempts since the last log line, and when that line was written: a long
+        // outage is logged calmly (every CALM_LOG), not once and then never again.
+        let mut failed_attempts: u32 = 0;
+        let mut logged_at = tokio::time::Instant::now();
         let mut subscribed_once = false;
         loop {
             self.send_acks().await;
@@ -298,7 +305,17 @@ impl Driver {
                         tracing::warn!(error = %e, "lost broker connection; reconnecting with backoff");
                     } else if last_problem != Some(problem) {
                         // Once per kind of failure, not once per attempt.
-                        tracing::warn!(error = %e, "{}; retrying with backoff (logged again on change)", problem.advice());
+                        tracing::warn!(error = %e, "{}; retrying with backoff (logged again on change, and every minute)", problem.advice());
+                        failed_attempts = 0;
+                        logged_at = tokio::time::Instant::now();
+                    } else {
+                        failed_attempts += 1;
+                        if logged_at.elapsed() >= CALM_LOG {
+                            tracing::warn!(error = %e, attempts = failed_attempts,
+                                "{}; still retrying with backoff", problem.advice());
+                            failed_attempts = 0;
+                            logged_at = tokio::time::Instant::now();
+                        }
                     }
                     last_problem = Some(problem);
                     let state = match problem {
