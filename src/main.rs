@@ -124,10 +124,27 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("nn-gateway: {e:#}");
-            ExitCode::FAILURE
+            // A configuration error gets its own status, which the unit names in
+            // RestartPreventExitStatus=: one clear journal line instead of a restart loop.
+            let config = e
+                .downcast_ref::<nn_gateway::config::ConfigError>()
+                .is_some()
+                || matches!(
+                    e.downcast_ref::<daemon::DaemonError>(),
+                    Some(daemon::DaemonError::Config(_))
+                );
+            if config {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
+
+/// Exit status of a configuration error (`EX_CONFIG` from sysexits.h), named in the unit's
+/// `RestartPreventExitStatus=`.
+const EXIT_CONFIG: u8 = 78;
 
 fn source(args: &Args) -> Source {
     args.config.clone().map_or(Source::Embedded, Source::File)

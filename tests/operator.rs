@@ -29,7 +29,7 @@ fn text(out: &Output) -> String {
 }
 
 #[test]
-fn check_config_names_the_file_and_key_of_a_mistake_and_exits_non_zero() {
+fn check_config_names_the_file_and_key_of_a_mistake_and_exits_with_ex_config() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("gateway.toml");
     std::fs::write(
@@ -38,7 +38,8 @@ fn check_config_names_the_file_and_key_of_a_mistake_and_exits_non_zero() {
     )
     .unwrap();
     let out = gateway(&["check-config", "-c", file.to_str().unwrap()], &[]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    // EX_CONFIG, which the unit names in RestartPreventExitStatus=.
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
     let msg = text(&out);
     assert!(
         msg.contains(file.to_str().unwrap()) && msg.contains("bnid") && msg.contains("coap"),
@@ -46,7 +47,10 @@ fn check_config_names_the_file_and_key_of_a_mistake_and_exits_non_zero() {
     );
 
     let out = gateway(&["check-config"], &[("NNGW_MQTT__PORT", "many")]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(78));
+    // `run` exits the same way, before binding anything.
+    let run = gateway(&["run"], &[("NNGW_MQTT__PORT", "many")]);
+    assert_eq!(run.status.code(), Some(78), "{}", text(&run));
     assert!(
         text(&out).contains("mqtt.port") && text(&out).contains("many"),
         "{}",
