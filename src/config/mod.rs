@@ -350,6 +350,15 @@ impl Config {
                 })
             })?;
         cfg.validate(&origin).map_err(blame)?;
+        // Under systemd (`StateDirectory=`), a relative database path lives in the state
+        // directory, the one place the unit lets the daemon write: the shipped config works
+        // unedited. Elsewhere it stays relative to the working directory.
+        if cfg.storage.path.is_relative()
+            && let Some((_, dirs)) = env.iter().find(|(k, _)| k == "STATE_DIRECTORY")
+            && let Some(first) = dirs.split(':').next().filter(|d| !d.is_empty())
+        {
+            cfg.storage.path = Path::new(first).join(&cfg.storage.path);
+        }
         cfg.read_secrets(&origin, credentials_dir)?;
         Ok(cfg)
     }

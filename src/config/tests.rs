@@ -335,3 +335,33 @@ fn errors_say_what_to_write_instead() {
         "an unknown variable is blamed on itself: {e}"
     );
 }
+
+#[test]
+fn a_relative_database_path_lives_in_systemds_state_directory() {
+    let cfg = Config::load_with(
+        &Source::Embedded,
+        &env(&[("STATE_DIRECTORY", "/var/lib/nn-gateway")]),
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.storage.path,
+        PathBuf::from("/var/lib/nn-gateway/data/gateway.db")
+    );
+    let cfg = Config::load_with(
+        &Source::Embedded,
+        &env(&[
+            ("STATE_DIRECTORY", "/var/lib/nn-gateway"),
+            ("NNGW_STORAGE__PATH", "/srv/gw.db"),
+        ]),
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.storage.path,
+        PathBuf::from("/srv/gw.db"),
+        "absolute stays"
+    );
+    let cfg = Config::load_with(&Source::Embedded, &[], None).unwrap();
+    assert_eq!(cfg.storage.path, PathBuf::from("data/gateway.db"));
+}
