@@ -94,9 +94,8 @@ impl Uplink for GoliothUplink {
         })
     }
 
-    async fn accepts(&self, remote_ids: &[&str]) -> Result<Vec<bool>, CloudError> {
-        Ok(vec![true; remote_ids.len()])
-    }
+    // Golioth has no sync direction of ours, no last-seen time to set and no sync log: the
+    // trait's defaults for `accepts`, `touch` and `summarise` hold.
 
     async fn send_row(&self, remote_id: &str, row: &OutboxRow) -> Result<(), CloudError> {
         match row.operation.as_str() {
@@ -120,14 +119,6 @@ impl Uplink for GoliothUplink {
             "telemetry",
             "Golioth's REST API cannot write LightDB Stream",
         ))
-    }
-
-    async fn touch(&self, _seen: &[(String, UnixMillis)]) -> Result<(), CloudError> {
-        Ok(())
-    }
-
-    async fn summarise(&self, _summary: &Summary) -> Result<(), CloudError> {
-        Ok(())
     }
 }
 

@@ -129,10 +129,14 @@ pub trait Uplink: Send + Sync + 'static {
 
     /// Whether each of these devices' data may go up (its sync direction in that cloud), in
     /// the order given.
+    /// By default every device syncs up (a cloud with no sync direction of its own).
     fn accepts(
         &self,
         remote_ids: &[&str],
-    ) -> impl Future<Output = Result<Vec<bool>, CloudError>> + Send;
+    ) -> impl Future<Output = Result<Vec<bool>, CloudError>> + Send {
+        let n = remote_ids.len();
+        async move { Ok(vec![true; n]) }
+    }
 
     /// Delivers one outbox row of a registered device.
     fn send_row(
@@ -148,14 +152,22 @@ pub trait Uplink: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), CloudError>> + Send;
 
     /// After a delivered batch: each device's newest reception time (one update per device,
-    /// not per point). Failures are logged by the lane and do not undo the batch.
+    /// not per point). Failures are logged by the lane and do not undo the batch. By default
+    /// nothing (a cloud that keeps no last-seen time of ours).
     fn touch(
         &self,
         seen: &[(String, UnixMillis)],
-    ) -> impl Future<Output = Result<(), CloudError>> + Send;
+    ) -> impl Future<Output = Result<(), CloudError>> + Send {
+        let _ = seen;
+        async { Ok(()) }
+    }
 
-    /// Records a summary of the lane's work in the cloud's own sync log, where it has one.
-    fn summarise(&self, summary: &Summary) -> impl Future<Output = Result<(), CloudError>> + Send;
+    /// Records a summary of the lane's work in the cloud's own sync log, where it has one
+    /// (by default there is none).
+    fn summarise(&self, summary: &Summary) -> impl Future<Output = Result<(), CloudError>> + Send {
+        let _ = summary;
+        async { Ok(()) }
+    }
 }
 
 /// A lane's fixed settings.
@@ -1252,316 +1264,4 @@ async fn send_bisecting<U: Uplink>(
 }
 
 #[cfg(test)]
-mod refused_device_tests {
-    use super::*;
-    use crate::config::Synchronous;
-    use crate::store::OpenOptions;
-    use std::sync::atomic::{AtomicU64, Ordering};
-
-    /// A cloud that refuses to register device `bad` (a permanent 4xx) and takes the rest.
-    struct Refusing {
-        registers: Arc<AtomicU64>,
-        sent: Arc<Mutex<Vec<i64>>>,
-    }
-
-    impl Uplink for Refusing {
-        fn target(&self) -> Target {
-            Target::NetNeural
-        }
-        async fn probe(&self) -> Result<(), CloudError> {
-            Ok(())
-        }
-        async fn register(
-            &self,
-            device: &DeviceIdent,
-            _row: Option<&OutboxRow>,
-        ) -> Result<Registered, CloudError> {
-            self.registers.fetch_add(1, Ordering::SeqCst);
-            if device.key.as_str() != "bad" {
-                return Ok(Registered {
-                    id: format!("nn-{}", device.key),
-                    delivered: false,
-                });
-            }
-            Err(crate::cloud::status_error(
-                Target::NetNeural,
-                "POST /rest/v1/devices",
-                400,
-                None,
-                b"bad device",
-                |_| None,
-            ))
-        }
-        async fn accepts(&self, ids: &[&str]) -> Result<Vec<bool>, CloudError> {
-            Ok(vec![true; ids.len()])
-        }
-        async fn send_row(&self, _: &str, _: &OutboxRow) -> Result<(), CloudError> {
-            Ok(())
-        }
-        async fn send_telemetry(&self, points: &[OutPoint<'_>]) -> Result<(), CloudError> {
-            self.sent
-                .lock()
-                .unwrap()
-                .extend(points.iter().map(|p| p.item.id));
-            Ok(())
-        }
-        async fn touch(&self, _: &[(String, UnixMillis)]) -> Result<(), CloudError> {
-            Ok(())
-        }
-        async fn summarise(&self, _: &Summary) -> Result<(), CloudError> {
-            Ok(())
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_device_the_cloud_refuses_dead_letters_its_points_and_holds_up_no_one_else() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("gateway.db");
-        let opts = OpenOptions {
-            synchronous: Synchronous::Normal,
-            targets: vec![Target::NetNeural],
-            rejected_keep: 3,
-        };
-        drop(crate::store::Db::open(&path, &opts).unwrap());
-        {
-            let c = rusqlite::Connection::open(&path).unwrap();
-            for key in ["bad", "good"] {
-                c.execute(
-                    "INSERT INTO device(key, origin, first_seen) VALUES (?1,'mqtt',0)",
-                    [key],
-                )
-                .unwrap();
-            }
-            // Points 1..=6 alternate: the refused device's are the odd ones.
-            for i in 0..6 {
-                c.execute(
-                    "INSERT INTO telemetry(device_id, device_ts, received_at, payload, content_type)
-                     VALUES (?1, NULL, 1, '{\"t\":1}', 'application/json')",
-                    [1 + i % 2],
-                )
-                .unwrap();
-            }
-        }
-        let store = Store::open(&path, &opts).unwrap();
-        let registers = Arc::new(AtomicU64::new(0));
-        let sent = Arc::new(Mutex::new(Vec::new()));
-        let tracker = TaskTracker::new();
-        let shutdown = CancellationToken::new();
-        spawn(
-            Refusing {
-                registers: registers.clone(),
-                sent: sent.clone(),
-            },
-            LaneConfig {
-                concurrency: 4,
-                batch: 100,
-                schedule: RetrySchedule {
-                    min: Duration::from_secs(1),
-                    max: Duration::from_secs(60),
-                },
-                install_id: "x".into(),
-            },
-            LaneLinks {
-                store: store.clone(),
-                health: Health::default(),
-                bell: store.bells().of(Target::NetNeural),
-                key_changed: Arc::new(Notify::new()),
-                shutdown: shutdown.clone(),
-            },
-            &tracker,
-        );
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        shutdown.cancel();
-        tracker.close();
-        tracker.wait().await;
-        let n = registers.load(Ordering::SeqCst);
-        assert!(
-            n <= 3,
-            "{n} registration attempts in 2 s for one refused device (retry_min 1 s)"
-        );
-        assert_eq!(
-            *sent.lock().unwrap(),
-            [2, 4, 6],
-            "the other device's points went"
-        );
-        let dead: Vec<i64> = store
-            .call(|db| Ok(db.queue(10)?.rows.iter().map(|r| r.id).collect()))
-            .await
-            .unwrap();
-        assert_eq!(
-            dead,
-            [1, 3, 5],
-            "the refused device's points are dead letters"
-        );
-        let cursor = store
-            .call(|db| db.telemetry_cursor(Target::NetNeural))
-            .await
-            .unwrap();
-        assert_eq!(cursor, Some(6), "the cursor moved past them");
-    }
-}
-
-#[cfg(test)]
-mod store_error_tests {
-    use super::*;
-    use crate::config::Synchronous;
-    use crate::store::OpenOptions;
-    use std::collections::BTreeSet;
-
-    #[derive(Default)]
-    struct Gated {
-        delivered: Mutex<BTreeSet<i64>>,
-        seen_first: Mutex<BTreeSet<i64>>,
-        gate: Notify,
-    }
-
-    struct Fake(Arc<Gated>);
-
-    impl Uplink for Fake {
-        fn target(&self) -> Target {
-            Target::NetNeural
-        }
-        async fn probe(&self) -> Result<(), CloudError> {
-            Ok(())
-        }
-        async fn register(
-            &self,
-            _: &DeviceIdent,
-            _: Option<&OutboxRow>,
-        ) -> Result<Registered, CloudError> {
-            unreachable!("devices are registered")
-        }
-        async fn accepts(&self, ids: &[&str]) -> Result<Vec<bool>, CloudError> {
-            Ok(vec![true; ids.len()])
-        }
-        async fn send_row(&self, _: &str, _: &OutboxRow) -> Result<(), CloudError> {
-            Ok(())
-        }
-        async fn send_telemetry(&self, points: &[OutPoint<'_>]) -> Result<(), CloudError> {
-            let first = points[0].item.id;
-            let new = self.0.seen_first.lock().unwrap().insert(first);
-            if new && first == 1 {
-                self.0.gate.notified().await;
-            }
-            if new && first == 11 {
-                // A slow answer: still in the air when the lane gives up its pump.
-                tokio::time::sleep(Duration::from_secs(3600)).await;
-            }
-            self.0
-                .delivered
-                .lock()
-                .unwrap()
-                .extend(points.iter().map(|p| p.item.id));
-            Ok(())
-        }
-        async fn touch(&self, _: &[(String, UnixMillis)]) -> Result<(), CloudError> {
-            Ok(())
-        }
-        async fn summarise(&self, _: &Summary) -> Result<(), CloudError> {
-            Ok(())
-        }
-    }
-
-    fn insert_point(c: &rusqlite::Connection) {
-        c.execute(
-            "INSERT INTO telemetry(device_id, device_ts, received_at, payload, content_type)
-             VALUES (1, NULL, 1, '{\"t\":1}', 'application/json')",
-            [],
-        )
-        .unwrap();
-    }
-
-    /// One failed commit (the database busy past the busy timeout) while two batches are in
-    /// the air: the pump returns, its JoinSet aborts the other batch, `read_through` stays past
-    /// it, and the next settle moves the cursor over points never delivered.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_store_error_while_batches_are_in_the_air_loses_no_points() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("gateway.db");
-        let opts = OpenOptions {
-            synchronous: Synchronous::Normal,
-            targets: vec![Target::NetNeural],
-            rejected_keep: 3,
-        };
-        drop(crate::store::Db::open(&path, &opts).unwrap());
-        {
-            let c = rusqlite::Connection::open(&path).unwrap();
-            c.execute(
-                "INSERT INTO device(key, origin, first_seen, netneural_id) VALUES ('d0','mqtt',0,'nn-0')",
-                [],
-            )
-            .unwrap();
-            for _ in 0..30 {
-                insert_point(&c);
-            }
-        }
-        let store = Store::open(&path, &opts).unwrap();
-        let fake = Arc::new(Gated::default());
-        let tracker = TaskTracker::new();
-        let shutdown = CancellationToken::new();
-        spawn(
-            Fake(fake.clone()),
-            LaneConfig {
-                concurrency: 2,
-                batch: 10,
-                schedule: RetrySchedule {
-                    min: Duration::from_millis(100),
-                    max: Duration::from_secs(1),
-                },
-                install_id: "x".into(),
-            },
-            LaneLinks {
-                store: store.clone(),
-                health: Health::default(),
-                bell: store.bells().of(Target::NetNeural),
-                key_changed: Arc::new(Notify::new()),
-                shutdown: shutdown.clone(),
-            },
-            &tracker,
-        );
-        // Both batches in the air.
-        for _ in 0..100 {
-            if fake.seen_first.lock().unwrap().len() >= 2 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert_eq!(fake.seen_first.lock().unwrap().len(), 2);
-        // Another writer holds the database for longer than the busy timeout; a point arrives.
-        let (locked_tx, locked_rx) = std::sync::mpsc::channel();
-        let p = path.clone();
-        let holder = std::thread::spawn(move || {
-            let c = rusqlite::Connection::open(&p).unwrap();
-            c.execute_batch("BEGIN IMMEDIATE").unwrap();
-            insert_point(&c);
-            locked_tx.send(()).unwrap();
-            std::thread::sleep(Duration::from_secs(7));
-            c.execute_batch("COMMIT").unwrap();
-        });
-        locked_rx.recv().unwrap();
-        fake.gate.notify_one();
-        holder.join().unwrap();
-        let reader = rusqlite::Connection::open(&path).unwrap();
-        let mut cursor = 0;
-        for _ in 0..100 {
-            cursor = reader
-                .query_row("SELECT delivered_through FROM telemetry_cursor", [], |r| {
-                    r.get(0)
-                })
-                .unwrap();
-            if cursor >= 31 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        shutdown.cancel();
-        tracker.close();
-        tracker.wait().await;
-        let delivered = fake.delivered.lock().unwrap().clone();
-        let missing: Vec<i64> = (1..=31).filter(|i| !delivered.contains(i)).collect();
-        assert!(
-            missing.is_empty(),
-            "cursor at {cursor}, yet points {missing:?} never reached the cloud"
-        );
-    }
-}
+mod tests;
