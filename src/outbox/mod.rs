@@ -39,6 +39,8 @@
 mod lane;
 pub mod policy;
 mod send;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
