@@ -2,10 +2,10 @@
 //!
 //! SQL lives here in `store/` and nowhere else, one file per aggregate: [`db`] (opening,
 //! migrations, status, rejections, heartbeat), `write.rs` (the ingest write path),
-//! `devices.rs` (desired state and the device views), [`outbox`] (what is owed to the
-//! clouds: rows and telemetry cursors) and [`retention`] (bounded disk), all as methods on or
-//! helpers of [`Db`]. Migrations sit beside them in `migrations/` as numbered
-//! files.
+//! `devices.rs` (desired state and the device views), [`outbox`] (the rows owed to the
+//! clouds), `cursor.rs` (the telemetry cursors and dead letters) and [`retention`] (bounded
+//! disk), all as methods on or helpers of [`Db`]. Migrations sit beside them in `migrations/`
+//! as numbered files.
 //! rusqlite blocks, so inside the daemon one dedicated thread owns the connection and the
 //! async side talks to it through [`Store`], a cheap cloneable handle over a bounded channel.
 //!
@@ -15,6 +15,7 @@
 //! arrives, so a crash at any instant loses nothing that was acknowledged, and one fsync
 //! covers a whole batch.
 
+mod cursor;
 pub mod db;
 mod devices;
 mod doc;
