@@ -16,18 +16,13 @@
 //! A deleted device takes its assignments, telemetry and conflicts with it (ON DELETE
 //! CASCADE); sync log rows keep the row with `device_id` NULL.
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::{Map, Value, json};
-use time::OffsetDateTime;
 
 use super::faults::Faults;
-use super::postgrest::{
-    Filter, Kind, Op, PgError, Prefer, Query, array_literal, coerce, format_timestamp,
-};
+use super::postgrest::{PgError, Prefer, Query};
 use super::server::{Api, Request, Response, Server};
-use super::uuid_v4;
 
 /// The key a fake accepts until [`FakeNetNeural::set_key`].
 pub const DEFAULT_KEY: &str = "netneural-test-key";
@@ -36,7 +31,6 @@ mod db;
 mod schema;
 
 use db::*;
-use schema::*;
 
 type Row = Map<String, Value>;
 
