@@ -65,6 +65,15 @@ impl<U: Uplink> Lane<U> {
     }
 }
 
+/// The devices whose remote id these settlements store or forget: their registrations are
+/// settled once the commit is in.
+fn changed_devices(done: &[Settled]) -> Vec<i64> {
+    done.iter()
+        .filter(|s| s.remote_id != RemoteIdChange::Keep)
+        .map(|s| s.row.device.id)
+        .collect()
+}
+
 /// The lane's own store failures (a full disk, a lock held past the busy timeout): logged
 /// once when they start and once when they end, retried with a growing delay — slowly for
 /// one no retry can cure (a corrupt file), which the heartbeat reports too.
@@ -288,11 +297,7 @@ impl<U: Uplink> Lane<U> {
             };
             if !settled.is_empty() || free > 0 {
                 let done = std::mem::take(&mut settled);
-                let changed: Vec<i64> = done
-                    .iter()
-                    .filter(|s| s.remote_id != RemoteIdChange::Keep)
-                    .map(|s| s.row.device.id)
-                    .collect();
+                let changed = changed_devices(&done);
                 let taken = self
                     .shared
                     .store
@@ -412,11 +417,7 @@ impl<U: Uplink> Lane<U> {
         }
         if !settled.is_empty() {
             let done = std::mem::take(&mut settled);
-            let changed: Vec<i64> = done
-                .iter()
-                .filter(|s| s.remote_id != RemoteIdChange::Keep)
-                .map(|s| s.row.device.id)
-                .collect();
+            let changed = changed_devices(&done);
             self.shared
                 .store
                 .call(move |db| db.settle_and_take(target, &done, UnixMillis::now(), 0))

@@ -30,6 +30,21 @@ fn telemetry_item(r: &rusqlite::Row<'_>) -> rusqlite::Result<TelemetryItem> {
 }
 
 impl Db {
+    /// Telemetry items with their devices, from a query's `FROM …` onwards (over `t`, `d`).
+    fn items(
+        &self,
+        from: &str,
+        args: impl rusqlite::Params,
+    ) -> Result<Vec<TelemetryItem>, StoreError> {
+        let sql = format!(
+            "SELECT t.id, t.device_ts, t.received_at, t.payload,
+                    d.id, d.key, d.golioth_id, d.netneural_id {from}"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(args, telemetry_item)?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
     /// Everything up to this id is settled for `target`, or `None` when the cloud has never
     /// had a cursor (it was never enabled).
     pub fn telemetry_cursor(&self, target: Target) -> Result<Option<i64>, StoreError> {
@@ -70,14 +85,11 @@ impl Db {
         after: i64,
         limit: usize,
     ) -> Result<Vec<TelemetryItem>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT t.id, t.device_ts, t.received_at, t.payload,
-                    d.id, d.key, d.golioth_id, d.netneural_id
-             FROM telemetry t JOIN device d ON d.id = t.device_id
+        self.items(
+            "FROM telemetry t JOIN device d ON d.id = t.device_id
              WHERE t.id > ?1 ORDER BY t.id LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![after, limit as i64], telemetry_item)?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            params![after, limit as i64],
+        )
     }
 
     /// Settles a batch: the cursor moves to `through` (never back), and the points refused
@@ -115,15 +127,12 @@ impl Db {
         target: Target,
         limit: usize,
     ) -> Result<Vec<TelemetryItem>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT t.id, t.device_ts, t.received_at, t.payload,
-                    d.id, d.key, d.golioth_id, d.netneural_id
-             FROM telemetry_dead x JOIN telemetry t ON t.id = x.telemetry_id
+        self.items(
+            "FROM telemetry_dead x JOIN telemetry t ON t.id = x.telemetry_id
              JOIN device d ON d.id = t.device_id
              WHERE x.target = ?1 AND x.retry = 1 ORDER BY t.id LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![target.as_str(), limit as i64], telemetry_item)?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            params![target.as_str(), limit as i64],
+        )
     }
 
     /// Removes dead-lettered points that were sent again successfully.
