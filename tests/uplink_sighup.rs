@@ -6,13 +6,13 @@
 mod fakes;
 mod support;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use fakes::{FakeNetNeural, Match};
+use fakes::{FakeNetNeural, Match, rig};
 use nn_gateway::health::LaneState;
 use nn_gateway::model::Target;
-use support::{Device, KillOnDrop, Mosquitto, Numbered, wait_for, wait_subscribed};
+use support::{Device, Mosquitto, Numbered, wait_for, wait_subscribed};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_rereads_a_fixed_key_file_and_the_paused_lane_resumes() {
@@ -21,39 +21,10 @@ async fn sighup_rereads_a_fixed_key_file_and_the_paused_lane_resumes() {
     let broker = Mosquitto::start();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("gateway.db");
+    // The rig writes the key file with the fake's default key, which the fake no longer takes.
+    let env = rig::environment(dir.path(), &db, broker.port, None, Some(&nn));
     let key = dir.path().join("netneural.key");
-    std::fs::write(&key, "the-revoked-key\n").unwrap();
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let port = broker.port.to_string();
-    let daemon = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_nn-gateway"))
-            .arg("run")
-            .envs([
-                ("NNGW_STORAGE__PATH", db.to_str().unwrap()),
-                ("NNGW_STORAGE__SYNCHRONOUS", "normal"),
-                ("NNGW_MQTT__PORT", port.as_str()),
-                ("NNGW_MQTT__CLIENT_ID", "gw-sighup"),
-                ("NNGW_COAP__BIND", "127.0.0.1:0"),
-                ("NNGW_LOG__FORMAT", "text"),
-                ("NNGW_NETNEURAL__ENABLED", "true"),
-                ("NNGW_NETNEURAL__URL", &nn.url()),
-                (
-                    "NNGW_NETNEURAL__ORGANIZATION_ID",
-                    "00000000-0000-4000-8000-000000000001",
-                ),
-                (
-                    "NNGW_NETNEURAL__INTEGRATION_ID",
-                    "00000000-0000-4000-8000-000000000002",
-                ),
-                ("NNGW_NETNEURAL__API_KEY_FILE", key.to_str().unwrap()),
-                ("NNGW_NETNEURAL__RETRY_MIN", "100ms"),
-                ("NNGW_NETNEURAL__RETRY_MAX", "1s"),
-            ])
-            .stdout(Stdio::null())
-            .stderr(log.reopen().unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let daemon = rig::Daemon::start(&env, &dir.path().join("daemon.log"));
     let dev = Device::connect(broker.port, "sighup-dev").await;
     wait_subscribed(&dev, &db).await;
     Numbered {
@@ -79,7 +50,7 @@ async fn sighup_rereads_a_fixed_key_file_and_the_paused_lane_resumes() {
     );
 
     std::fs::write(&key, "the-new-key\n").unwrap();
-    let pid = daemon.0.id().to_string();
+    let pid = daemon.pid().to_string();
     assert!(
         Command::new("kill")
             .args(["-HUP", &pid])
@@ -92,14 +63,14 @@ async fn sighup_rereads_a_fixed_key_file_and_the_paused_lane_resumes() {
         assert!(
             Instant::now() < deadline,
             "telemetry not delivered after SIGHUP; log:\n{}",
-            std::fs::read_to_string(log.path()).unwrap_or_default()
+            daemon.logged()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let text = std::fs::read_to_string(log.path()).unwrap();
+    let text = daemon.logged();
     assert!(text.contains("API key re-read"), "{text}");
     assert!(
-        !text.contains("the-revoked-key") && !text.contains("the-new-key"),
+        !text.contains(fakes::netneural::DEFAULT_KEY) && !text.contains("the-new-key"),
         "a key reached the log:\n{text}"
     );
     drop(daemon);
