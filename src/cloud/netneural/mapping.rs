@@ -74,10 +74,17 @@ pub struct RemoteDevice {
     pub firmware_version: Option<String>,
     /// Shared with NetNeural's own writers: the gateway owns only the keys
     /// [`METADATA_REPORTED`] and [`METADATA_DESIRED`], and writes them one at a time with
-    /// [`super::NetNeural::set_metadata_key`]. A `null` or non-object column reads as empty.
+    /// [`super::NetNeural::set_metadata_key`], or merged into the document it read with
+    /// [`super::NetNeural::update_synced`]. A `null` or non-object column reads as empty.
     pub metadata: Map<String, Value>,
     pub created_at: Option<UnixMillis>,
     pub updated_at: Option<UnixMillis>,
+    /// `updated_at` exactly as the server wrote it (microseconds, its offset): the version a
+    /// guarded write checks ([`super::NetNeural::update_synced`]) and the cursor of a pull
+    /// ([`super::NetNeural::devices_changed_since`]). Parsing it to milliseconds would lose
+    /// what the `eq.` guard compares.
+    pub version: Option<String>,
+    /// Soft-deleted (`deleted_at` is set): only a pull of changes returns such rows.
     pub deleted: bool,
 }
 
@@ -230,6 +237,102 @@ pub struct SyncLogEntry {
     pub duration_ms: Option<i64>,
 }
 
+/// `device_conflicts.resolution_status`, NetNeural's words.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ConflictStatus {
+    Pending,
+    Resolved,
+    Ignored,
+    AutoResolved,
+}
+
+impl ConflictStatus {
+    /// A word this gateway does not know reads as [`ConflictStatus::Pending`]: nothing is
+    /// applied from a conflict until it says plainly that it is settled.
+    pub fn parse(raw: &str) -> ConflictStatus {
+        match raw {
+            "resolved" => ConflictStatus::Resolved,
+            "ignored" => ConflictStatus::Ignored,
+            "auto_resolved" => ConflictStatus::AutoResolved,
+            _ => ConflictStatus::Pending,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConflictStatus::Pending => "pending",
+            ConflictStatus::Resolved => "resolved",
+            ConflictStatus::Ignored => "ignored",
+            ConflictStatus::AutoResolved => "auto_resolved",
+        }
+    }
+}
+
+/// `device_conflicts.resolution_strategy`, NetNeural's words: `local` is NetNeural's side,
+/// `remote` the integration's (the gateway's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ConflictStrategy {
+    LocalWins,
+    RemoteWins,
+    Merge,
+    Manual,
+}
+
+impl ConflictStrategy {
+    /// `None` for a word this gateway does not know.
+    pub fn parse(raw: &str) -> Option<ConflictStrategy> {
+        match raw {
+            "local_wins" => Some(ConflictStrategy::LocalWins),
+            "remote_wins" => Some(ConflictStrategy::RemoteWins),
+            "merge" => Some(ConflictStrategy::Merge),
+            "manual" => Some(ConflictStrategy::Manual),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConflictStrategy::LocalWins => "local_wins",
+            ConflictStrategy::RemoteWins => "remote_wins",
+            ConflictStrategy::Merge => "merge",
+            ConflictStrategy::Manual => "manual",
+        }
+    }
+}
+
+/// A conflict to record in `device_conflicts` (its `conflict_type` is `data_mismatch`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewConflict {
+    pub device_id: DeviceId,
+    /// What differs, e.g. `desired.led`.
+    pub field_name: String,
+    pub local_value: Option<Value>,
+    pub remote_value: Option<Value>,
+    pub local_updated_at: Option<UnixMillis>,
+    pub remote_updated_at: Option<UnixMillis>,
+    /// Anything but [`ConflictStatus::Pending`] also sets `resolved_at` (NetNeural's schema
+    /// requires it of a settled conflict).
+    pub resolution_status: ConflictStatus,
+    pub resolution_strategy: Option<ConflictStrategy>,
+    pub resolved_value: Option<Value>,
+}
+
+/// A `device_conflicts` row as NetNeural holds it: an operator may have settled it there.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RemoteConflict {
+    pub id: String,
+    pub device_id: DeviceId,
+    pub field_name: String,
+    pub resolution_status: ConflictStatus,
+    pub resolution_strategy: Option<ConflictStrategy>,
+    /// `None` also for a JSON `null` (PostgREST shows SQL NULL and `'null'::jsonb` alike).
+    pub resolved_value: Option<Value>,
+    pub resolved_by: Option<String>,
+    pub resolved_at: Option<UnixMillis>,
+    pub local_value: Option<Value>,
+    pub remote_value: Option<Value>,
+}
+
 fn time_of(raw: Option<&String>) -> Option<UnixMillis> {
     raw.and_then(|s| parse_rfc3339(s))
 }
@@ -243,6 +346,7 @@ impl From<wire::Device> for RemoteDevice {
             },
             created_at: time_of(d.created_at.as_ref()),
             updated_at: time_of(d.updated_at.as_ref()),
+            version: d.updated_at,
             last_seen: time_of(d.last_seen.as_ref()),
             last_seen_online: time_of(d.last_seen_online.as_ref()),
             deleted: d.deleted_at.is_some(),
@@ -279,6 +383,29 @@ impl From<wire::Assignment> for Assignment {
     }
 }
 
+impl From<wire::Conflict> for RemoteConflict {
+    fn from(c: wire::Conflict) -> RemoteConflict {
+        RemoteConflict {
+            resolution_status: c
+                .resolution_status
+                .as_deref()
+                .map_or(ConflictStatus::Pending, ConflictStatus::parse),
+            resolution_strategy: c
+                .resolution_strategy
+                .as_deref()
+                .and_then(ConflictStrategy::parse),
+            resolved_at: time_of(c.resolved_at.as_ref()),
+            id: c.id,
+            device_id: DeviceId(c.device_id),
+            field_name: c.field_name.unwrap_or_default(),
+            resolved_value: c.resolved_value,
+            resolved_by: c.resolved_by,
+            local_value: c.local_value,
+            remote_value: c.remote_value,
+        }
+    }
+}
+
 /// A PostgREST filter value in double quotes, so that `,` `.` `:` `(` `)` `{` `}` in it are
 /// data, not syntax (also valid as a Postgres array literal element).
 pub(crate) fn quoted(value: &str) -> String {
@@ -288,6 +415,21 @@ pub(crate) fn quoted(value: &str) -> String {
 /// `eq.<value>`: everything after `eq.` is the value, so no quoting is needed.
 pub(crate) fn eq(value: &str) -> String {
     format!("eq.{value}")
+}
+
+/// `gt.<value>`: after the last key of a keyset page.
+pub(crate) fn gt(value: &str) -> String {
+    format!("gt.{value}")
+}
+
+/// `gte.<value>`: at or after a cursor.
+pub(crate) fn gte(value: &str) -> String {
+    format!("gte.{value}")
+}
+
+/// `eq.<version>`, or `is.null` for a row that has none: the guard of a conditional write.
+pub(crate) fn version_guard(version: Option<&str>) -> String {
+    version.map_or_else(|| "is.null".to_owned(), eq)
 }
 
 /// `hardware_ids=cs.{"<hw>"}`: the array contains this hardware id.
@@ -367,6 +509,13 @@ mod tests {
         assert_eq!(contains_one(r#"a"b\c"#), r#"cs.{"a\"b\\c"}"#);
         assert_eq!(in_list(["u1", "u2"]), r#"in.("u1","u2")"#);
         assert_eq!(eq("o1"), "eq.o1");
+        assert_eq!(gt("7c1e"), "gt.7c1e");
+        assert_eq!(
+            gte("2024-05-01T10:00:00.123456+00:00"),
+            "gte.2024-05-01T10:00:00.123456+00:00"
+        );
+        assert_eq!(version_guard(Some("T1")), "eq.T1");
+        assert_eq!(version_guard(None), "is.null");
         assert_eq!(
             last_seen_before(UnixMillis(1_714_557_600_123)),
             r#"(last_seen.is.null,last_seen.lt."2024-05-01T10:00:00.123Z")"#
@@ -425,5 +574,61 @@ mod tests {
             SyncDirection::Bidirectional
         );
         assert!(SyncDirection::Bidirectional.imports() && !SyncDirection::Import.exports());
+    }
+
+    #[test]
+    fn a_device_keeps_its_updated_at_text_as_its_version() {
+        let d: wire::Device = serde_json::from_str(
+            r#"{"id": "u1", "updated_at": "2024-05-01T10:00:00.123456+00:00",
+                "deleted_at": "2024-05-02T00:00:00+00:00"}"#,
+        )
+        .unwrap();
+        let d = RemoteDevice::from(d);
+        assert_eq!(
+            d.version.as_deref(),
+            Some("2024-05-01T10:00:00.123456+00:00")
+        );
+        assert_eq!(d.updated_at, Some(UnixMillis(1_714_557_600_123)));
+        assert!(d.deleted);
+    }
+
+    #[test]
+    fn conflict_words_round_trip_and_unknown_ones_fall_back() {
+        for s in [
+            ConflictStatus::Pending,
+            ConflictStatus::Resolved,
+            ConflictStatus::Ignored,
+            ConflictStatus::AutoResolved,
+        ] {
+            assert_eq!(ConflictStatus::parse(s.as_str()), s);
+        }
+        for s in [
+            ConflictStrategy::LocalWins,
+            ConflictStrategy::RemoteWins,
+            ConflictStrategy::Merge,
+            ConflictStrategy::Manual,
+        ] {
+            assert_eq!(ConflictStrategy::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(ConflictStatus::parse("escalated"), ConflictStatus::Pending);
+        assert_eq!(ConflictStrategy::parse("newest_wins"), None);
+
+        let c: wire::Conflict = serde_json::from_str(
+            r#"{"id": "c1", "device_id": "u1", "field_name": null, "resolution_status": null,
+                "resolution_strategy": "coin_toss", "resolved_value": {"led": 2},
+                "resolved_at": "2024-05-01T10:00:00+00:00", "unknown": 1}"#,
+        )
+        .unwrap();
+        let c = RemoteConflict::from(c);
+        assert_eq!(
+            (
+                c.field_name.as_str(),
+                c.resolution_status,
+                c.resolution_strategy
+            ),
+            ("", ConflictStatus::Pending, None)
+        );
+        assert_eq!(c.resolved_value, Some(serde_json::json!({"led": 2})));
+        assert_eq!(c.resolved_at, Some(UnixMillis(1_714_557_600_000)));
     }
 }

@@ -2,24 +2,29 @@
 //!
 //! - [`client`]: [`NetNeural`] — devices (find, create, update, one metadata key at a time),
 //!   bulk telemetry with idempotency keys, `last_seen` that only moves forward, sync
-//!   assignments, the sync log.
+//!   assignments, the sync log; and for reconciliation: pulls of the devices and assignments
+//!   changed since a cursor (keyset-paged), a guarded write of what a sync settled, and
+//!   `device_conflicts` (record, read back, settle).
 //! - [`wire`]: the rows as PostgREST sends and takes them; the only place serde meets them.
 //! - [`mapping`]: rows ↔ the gateway's types, PostgREST filter values, the error body, and
 //!   whether the key is a legacy JWT.
 //!
 //! The gateway shares `devices.metadata` with NetNeural's own code: it writes only the keys
-//! it owns ([`METADATA_REPORTED`], [`METADATA_DESIRED`]), one at a time, with an optimistic
-//! check on `updated_at`, and never replaces the document.
+//! it owns ([`METADATA_REPORTED`], [`METADATA_DESIRED`]), always with an optimistic check on
+//! `updated_at`, either one key at a time ([`NetNeural::set_metadata_key`], which reads and
+//! retries) or as the whole document it read with its keys merged in
+//! ([`NetNeural::update_synced`], which does not retry), so another writer's keys are never
+//! lost to a stale copy.
 
 pub mod client;
 pub mod mapping;
 pub mod wire;
 
-pub use client::{METADATA_ATTEMPTS, NetNeural};
+pub use client::{MAX_PAGE_SIZE, METADATA_ATTEMPTS, NetNeural};
 pub use mapping::{
-    Assignment, DeviceId, DeviceStatus, DeviceUpdate, METADATA_DESIRED, METADATA_REPORTED,
-    NewDevice, RemoteDevice, SyncDirection, SyncLogEntry, SyncLogStatus, SyncOperation,
-    TelemetryRow, is_legacy_jwt,
+    Assignment, ConflictStatus, ConflictStrategy, DeviceId, DeviceStatus, DeviceUpdate,
+    METADATA_DESIRED, METADATA_REPORTED, NewConflict, NewDevice, RemoteConflict, RemoteDevice,
+    SyncDirection, SyncLogEntry, SyncLogStatus, SyncOperation, TelemetryRow, is_legacy_jwt,
 };
 
 use crate::cloud::CloudError;

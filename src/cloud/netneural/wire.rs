@@ -13,9 +13,20 @@ pub const DEVICE_COLUMNS: &str = "id,organization_id,integration_id,external_dev
 serial_number,hardware_ids,status,last_seen,last_seen_online,firmware_version,metadata,\
 created_at,updated_at,deleted_at";
 
-/// The `device_service_assignments` columns the gateway reads.
-pub const ASSIGNMENT_COLUMNS: &str =
-    "device_id,external_device_id,sync_enabled,sync_direction,sync_status,last_sync_at";
+/// The `device_service_assignments` columns the gateway reads (`id` is the key of a keyset
+/// page, `updated_at` the cursor of a pull).
+pub const ASSIGNMENT_COLUMNS: &str = "id,device_id,external_device_id,sync_enabled,\
+sync_direction,sync_status,last_sync_at,updated_at";
+
+/// The `device_conflicts` columns the gateway reads.
+pub const CONFLICT_COLUMNS: &str = "id,device_id,field_name,local_value,remote_value,\
+resolution_status,resolution_strategy,resolved_value,resolved_by,resolved_at";
+
+/// The `device_conflicts` columns the gateway writes, named in `?columns=` like
+/// [`TELEMETRY_COLUMNS`].
+pub const CONFLICT_INSERT_COLUMNS: &str = "device_id,conflict_type,field_name,local_value,\
+remote_value,local_updated_at,remote_updated_at,resolution_status,resolution_strategy,\
+resolved_value,resolved_at";
 
 /// The `device_telemetry_history` columns the gateway writes, named in `?columns=` so that
 /// PostgREST takes every row of a bulk insert by the same list.
@@ -114,12 +125,59 @@ pub struct TelemetryInsert<'a> {
 /// A `device_service_assignments` row.
 #[derive(Debug, Deserialize)]
 pub struct Assignment {
+    /// Read only to page by; absent from rows of an older `select`.
+    pub id: Option<String>,
     pub device_id: String,
     pub external_device_id: Option<String>,
     pub sync_enabled: Option<bool>,
     pub sync_direction: Option<String>,
     pub sync_status: Option<String>,
     pub last_sync_at: Option<String>,
+    /// Kept as Postgres wrote it: the cursor of the next pull.
+    pub updated_at: Option<String>,
+}
+
+/// A `device_conflicts` row to insert. Every column is sent, `null` included, so that every
+/// row of a bulk insert has the same keys.
+#[derive(Debug, Serialize)]
+pub struct ConflictInsert<'a> {
+    pub device_id: &'a str,
+    pub conflict_type: &'a str,
+    pub field_name: &'a str,
+    pub local_value: Option<&'a Value>,
+    pub remote_value: Option<&'a Value>,
+    pub local_updated_at: Option<String>,
+    pub remote_updated_at: Option<String>,
+    pub resolution_status: &'a str,
+    pub resolution_strategy: Option<&'a str>,
+    pub resolved_value: Option<&'a Value>,
+    pub resolved_at: Option<String>,
+}
+
+/// A `device_conflicts` row.
+#[derive(Debug, Deserialize)]
+pub struct Conflict {
+    pub id: String,
+    pub device_id: String,
+    pub field_name: Option<String>,
+    pub local_value: Option<Value>,
+    pub remote_value: Option<Value>,
+    pub resolution_status: Option<String>,
+    pub resolution_strategy: Option<String>,
+    pub resolved_value: Option<Value>,
+    pub resolved_by: Option<String>,
+    pub resolved_at: Option<String>,
+}
+
+/// A `device_conflicts` PATCH body that settles a conflict. `resolution_strategy` and
+/// `resolved_value` are always sent, so that `null` clears what an earlier resolution set.
+#[derive(Debug, Serialize)]
+pub struct ConflictResolution<'a> {
+    pub resolution_status: &'a str,
+    pub resolution_strategy: Option<&'a str>,
+    pub resolved_value: Option<&'a Value>,
+    pub resolved_by: &'a str,
+    pub resolved_at: Option<String>,
 }
 
 /// An `integration_sync_log` row to insert.
@@ -211,6 +269,34 @@ mod tests {
             .collect();
         keys.sort_unstable();
         let mut columns: Vec<&str> = TELEMETRY_COLUMNS.split(',').collect();
+        columns.sort_unstable();
+        assert_eq!(keys, columns);
+    }
+
+    #[test]
+    fn conflict_rows_carry_every_column_so_a_bulk_insert_is_uniform() {
+        let row = ConflictInsert {
+            device_id: "d",
+            conflict_type: "data_mismatch",
+            field_name: "desired.led",
+            local_value: None,
+            remote_value: None,
+            local_updated_at: None,
+            remote_updated_at: None,
+            resolution_status: "pending",
+            resolution_strategy: None,
+            resolved_value: None,
+            resolved_at: None,
+        };
+        let json = serde_json::to_value(&row).unwrap();
+        let mut keys: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        let mut columns: Vec<&str> = CONFLICT_INSERT_COLUMNS.split(',').collect();
         columns.sort_unstable();
         assert_eq!(keys, columns);
     }
