@@ -1,6 +1,8 @@
 //! Operator commands. Each opens the database on its own connection (WAL lets it work while
 //! the daemon runs) and prints for people, or JSON with `--json`.
 
+mod sync;
+
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -8,6 +10,7 @@ use serde_json::Value;
 
 use crate::model::{DeviceKey, Origin};
 use crate::store::{Db, OpenOptions, Status, StoreError};
+pub use sync::{ConflictCommandError, conflict, conflicts, resolve, sync_log, sync_now};
 
 /// Human-readable byte count.
 fn bytes(n: u64) -> String {

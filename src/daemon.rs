@@ -5,7 +5,7 @@
 //!
 //! Start-up is a list of spawns, each part `X::spawn(config, links, &tracker)`: open the store
 //! (migrations) → CoAP on the bound socket → MQTT → one outbox lane per enabled cloud (and the
-//! SIGHUP key reloads) → the downlink → retention → READY=1 → the heartbeat (its first
+//! SIGHUP key reloads) → the sync runs (reconciliation, sharing the lanes' keys) → the downlink → retention → READY=1 → the heartbeat (its first
 //! WATCHDOG=1 must follow READY=1). Then the daemon only waits for the shutdown token.
 //! Shutdown (the token fires, e.g. on SIGTERM): STOPPING=1 → CoAP stops reading, MQTT stops
 //! storing and acknowledges what is committed, the lanes abandon their sends in the air (the
@@ -248,6 +248,25 @@ pub async fn run_reloadable(
     };
 
     let keys = spawn_lanes(&config, &store, &health, &shutdown, &tracker).await?;
+    let key_of = |t: Target| keys.iter().find(|k| k.target == t).map(|k| k.key.clone());
+    if let Some(syncer) = crate::cloud::sync::syncer(
+        &config,
+        store.clone(),
+        key_of(Target::Golioth),
+        key_of(Target::NetNeural),
+    )? {
+        crate::cloud::sync::spawn(
+            syncer,
+            config.sync.interval,
+            config.sync.log_retention,
+            crate::cloud::sync::SyncLinks {
+                store: store.clone(),
+                now: Arc::new(Notify::new()),
+                shutdown: shutdown.clone(),
+            },
+            &tracker,
+        );
+    }
     tracker.spawn(apply_reloads(keys, reloads, shutdown.clone()));
 
     crate::downlink::spawn(

@@ -58,5 +58,6 @@ pub mod model;
 pub mod mqtt;
 pub mod notify;
 pub mod outbox;
+pub mod reconcile;
 pub mod retention;
 pub mod store;

@@ -89,6 +89,75 @@ enum Command {
         #[command(subcommand)]
         action: DesiredAction,
     },
+    /// Fields changed in the mirror and in a cloud to different values: the pending ones, or
+    /// all with --all.
+    Conflicts {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Resolved and auto-resolved ones too.
+        #[arg(long)]
+        all: bool,
+        /// How many to list at most.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[command(subcommand)]
+        action: Option<ConflictAction>,
+    },
+    /// Reconciliation with the clouds.
+    Sync {
+        #[command(subcommand)]
+        action: SyncAction,
+    },
+    /// The sync log: each run with changes and its operations, newest first.
+    SyncLog {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// How many rows at most.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Only rows of this cloud (golioth, netneural; "mirror" for what the mirror took).
+        #[arg(long)]
+        cloud: Option<String>,
+        /// Only rows with this outcome (completed, partial, failed).
+        #[arg(long)]
+        outcome: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConflictAction {
+    /// One conflict: local, remote and base values, when each side changed, how it ended.
+    Show {
+        /// The conflict id shown by `nn-gateway conflicts`.
+        id: i64,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Settle a pending conflict; the daemon then writes the value everywhere the field lives.
+    Resolve {
+        /// The conflict id shown by `nn-gateway conflicts`.
+        id: i64,
+        /// Which side's value wins.
+        #[arg(long = "use", value_parser = ["local", "remote"], conflicts_with = "value",
+              required_unless_present = "value")]
+        use_side: Option<String>,
+        /// A value of your own, as JSON (e.g. '"on"', '30', '{"a":1}'; null removes the field).
+        #[arg(long)]
+        value: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum SyncAction {
+    /// Ask the running daemon for a sync run now (SIGUSR1) and wait for its result.
+    Now {
+        /// How long to wait for the run to finish.
+        #[arg(long, default_value = "60s")]
+        wait: humantime::Duration,
+    },
 }
 
 #[derive(Subcommand)]
@@ -201,6 +270,34 @@ fn real_main(args: Args) -> anyhow::Result<()> {
                     create,
                 },
         } => cli::set_desired(&db, &device, &json, create)?,
+        Command::Conflicts {
+            json,
+            all,
+            limit,
+            action: None,
+        } => cli::conflicts(&db, all, limit, json)?,
+        Command::Conflicts {
+            action: Some(ConflictAction::Show { id, json }),
+            ..
+        } => cli::conflict(&db, id, json)?,
+        Command::Conflicts {
+            action:
+                Some(ConflictAction::Resolve {
+                    id,
+                    use_side,
+                    value,
+                }),
+            ..
+        } => cli::resolve(&db, id, use_side.as_deref(), value.as_deref())?,
+        Command::Sync {
+            action: SyncAction::Now { wait },
+        } => cli::sync_now(&db, wait.into())?,
+        Command::SyncLog {
+            json,
+            limit,
+            cloud,
+            outcome,
+        } => cli::sync_log(&db, cloud.as_deref(), outcome.as_deref(), limit, json)?,
     };
     print!("{out}");
     Ok(())

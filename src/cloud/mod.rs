@@ -19,6 +19,7 @@ use crate::model::{Target, UnixMillis};
 
 pub mod golioth;
 pub mod netneural;
+pub mod sync;
 pub mod uplink;
 
 /// The longest `Retry-After` honoured: a cloud asking for more (or a clock far off) does not

@@ -22,7 +22,7 @@ use super::golioth::{self, Golioth};
 use super::netneural::{self, NetNeural, SyncDirection};
 use super::{CloudError, Failure};
 use crate::config::IdTemplate;
-use crate::model::{Target, UnixMillis};
+use crate::model::{DeviceKey, Target, UnixMillis};
 use crate::outbox::{OutPoint, Registered, Summary, Uplink};
 use crate::store::{DeviceIdent, OutboxRow};
 
@@ -42,6 +42,20 @@ pub struct Identity {
 impl Identity {
     pub fn of(&self, device: &DeviceIdent) -> String {
         self.template.render(&self.site, device.key.as_str())
+    }
+
+    /// The hardware id of the device with local key `key`.
+    pub fn of_key(&self, key: &DeviceKey) -> String {
+        self.template.render(&self.site, key.as_str())
+    }
+
+    /// The local key of the device with this hardware id, if the template (over this site)
+    /// could have made it: a cloud's devices of other sites are not this gateway's.
+    pub fn key_of(&self, hardware_id: &str) -> Option<DeviceKey> {
+        let rendered = self.template.render(&self.site, "\u{0}");
+        let (pre, post) = rendered.split_once('\u{0}')?;
+        let key = hardware_id.strip_prefix(pre)?.strip_suffix(post)?;
+        DeviceKey::parse(key).ok()
     }
 }
 

@@ -21,11 +21,13 @@ use crate::codec::FormatChoice;
 
 mod cloud;
 mod secret;
+mod sync;
 pub mod topics;
 
 pub use cloud::{GoliothConfig, HttpSettings, IdTemplate, NetNeuralConfig};
 
 pub use secret::Secret;
+pub use sync::{RuleSetting, StrategySetting, SyncConfig};
 use secret::read_secret;
 
 /// The annotated default configuration, embedded so `nn-gateway run` works with no file.
@@ -46,6 +48,7 @@ pub struct Config {
     pub coap: CoapConfig,
     pub golioth: GoliothConfig,
     pub netneural: NetNeuralConfig,
+    pub sync: SyncConfig,
     pub log: LogConfig,
 }
 
@@ -464,6 +467,7 @@ impl Config {
         }
         self.golioth.validate(origin)?;
         self.netneural.validate(origin)?;
+        self.sync.validate(origin)?;
         Ok(())
     }
 
@@ -500,13 +504,14 @@ impl Config {
     /// effect only after a restart.
     pub fn restart_needed(&self, new: &Config) -> Vec<&'static str> {
         let render = |v: &dyn erased::Section| v.render();
-        let pairs: [(&'static str, String, String); 6] = [
+        let pairs: [(&'static str, String, String); 7] = [
             ("gateway", render(&self.gateway), render(&new.gateway)),
             ("storage", render(&self.storage), render(&new.storage)),
             ("mqtt", render(&self.mqtt), render(&new.mqtt)),
             ("coap", render(&self.coap), render(&new.coap)),
             ("golioth", render(&self.golioth), render(&new.golioth)),
             ("netneural", render(&self.netneural), render(&new.netneural)),
+            ("sync", render(&self.sync), render(&new.sync)),
         ];
         pairs
             .into_iter()

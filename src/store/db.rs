@@ -23,6 +23,7 @@ use crate::model::{Outcome, Reading, Rejection, Target, UnixMillis, WriteOp};
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_telemetry_cursor.sql"),
+    include_str!("migrations/0003_reconcile.sql"),
 ];
 
 /// The schema version this build writes.

@@ -10,6 +10,7 @@ use super::StoreError;
 use super::db::Db;
 use super::doc::parse_doc;
 use super::views::{DeviceView, TelemetryView};
+use super::sync::write_desired;
 use super::write::upsert_device;
 use crate::model::{DesiredDoc, DeviceKey, Origin, UnixMillis};
 
@@ -72,24 +73,7 @@ impl Db {
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let (device_id, _) = upsert_device(&tx, device, by, now, false)?;
-        let seq: i64 = tx.query_row(
-            "SELECT coalesce(max(seq), 0) + 1 FROM desired_state",
-            [],
-            |r| r.get(0),
-        )?;
-        let text = doc.to_string();
-        tx.execute(
-            "INSERT INTO desired_state(device_id, doc, version, seq, updated_at, updated_by)
-             VALUES (?1, ?2, 1, ?3, ?4, ?5)
-             ON CONFLICT(device_id) DO UPDATE SET doc = excluded.doc, version = version + 1,
-                 seq = excluded.seq, updated_at = excluded.updated_at, updated_by = excluded.updated_by",
-            params![device_id, text, seq, now, by.as_str()],
-        )?;
-        let version: i64 = tx.query_row(
-            "SELECT version FROM desired_state WHERE device_id = ?1",
-            [device_id],
-            |r| r.get(0),
-        )?;
+        let (seq, version) = write_desired(&tx, device_id, doc, by, now)?;
         tx.commit()?;
         Ok(DesiredDoc {
             device: device.clone(),

@@ -21,6 +21,7 @@ mod devices;
 mod doc;
 pub mod outbox;
 pub mod retention;
+pub mod sync;
 #[cfg(test)]
 mod tests;
 pub mod views;
