@@ -161,6 +161,15 @@ impl Logged {
     }
 }
 
+/// Requests by kind, for a benchmark's "N reads, M writes".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// GET and HEAD.
+    pub reads: usize,
+    /// Every other method (POST, PUT, PATCH, DELETE).
+    pub writes: usize,
+}
+
 /// A position in the request log, for "how many requests since then".
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Mark(usize);
@@ -202,7 +211,9 @@ impl Faults {
         }
     }
 
-    /// `fault` for every matching request until [`Faults::clear`]: an outage.
+    /// `fault` for every matching request until [`Faults::clear`]: an outage, or with
+    /// [`Fault::Delay`] a slow link (each request waits on its own, so concurrent requests
+    /// overlap their delays). A request that a [`Faults::next`] fault matches gets only that.
     pub fn always(&self, m: Match, fault: Fault) {
         self.lock().always.push((m, fault));
     }
@@ -259,6 +270,25 @@ impl Faults {
             .iter()
             .filter(|l| m.matches(&l.method, &l.path))
             .count()
+    }
+
+    /// Every request so far by kind, however it was answered (a faulted or dropped request
+    /// counts: the client sent it).
+    pub fn counts(&self) -> Counts {
+        self.counts_by_kind_since(Mark(0))
+    }
+
+    /// Requests after `mark` by kind.
+    pub fn counts_by_kind_since(&self, mark: Mark) -> Counts {
+        let inner = self.lock();
+        let reads = inner.log[mark.0..]
+            .iter()
+            .filter(|l| matches!(l.method.as_str(), "GET" | "HEAD"))
+            .count();
+        Counts {
+            reads,
+            writes: inner.log.len() - mark.0 - reads,
+        }
     }
 
     /// Requests after `mark`.

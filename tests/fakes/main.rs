@@ -1,9 +1,11 @@
-//! Self-tests of the fake clouds: real HTTP (reqwest) against the fakes in `tests/fakes/`.
-//! Nothing of the gateway runs here; these pin down what the fakes promise its tests.
+//! Self-tests of the fake clouds: real HTTP (reqwest) against the fakes in `tests/fakes/`,
+//! pinning down what the fakes promise the gateway's tests. Of the gateway only its cloud
+//! clients run here (`selftest_clients`), to show the fakes take what they send.
 
 #[path = "mod.rs"]
 mod fakes;
 
+mod selftest_clients;
 mod selftest_faults;
 mod selftest_golioth;
 mod selftest_netneural;

@@ -21,7 +21,7 @@ mod postgrest;
 pub mod rig;
 mod server;
 
-pub use faults::{Answer, Fault, Faults, Logged, Mark, Match};
+pub use faults::{Answer, Counts, Fault, Faults, Logged, Mark, Match};
 pub use golioth::FakeGolioth;
 pub use netneural::FakeNetNeural;
 

@@ -366,6 +366,29 @@ impl FakeNetNeural {
         self.edit("devices", id, patch)
     }
 
+    /// Every `device_conflicts` row, in insertion order.
+    pub fn conflicts(&self) -> Vec<Value> {
+        self.rows("device_conflicts")
+    }
+
+    /// Settles a conflict as an operator in NetNeural's UI would: `resolved` by the
+    /// `manual` strategy to `value`, by `by`, now (the update trigger bumps `updated_at`).
+    /// Returns the row. Panics on a missing conflict.
+    pub fn resolve_conflict(&self, id: &str, value: Value, by: &str) -> Value {
+        let now = self.api.lock().now();
+        self.edit(
+            "device_conflicts",
+            id,
+            json!({
+                "resolution_status": "resolved",
+                "resolution_strategy": "manual",
+                "resolved_value": value,
+                "resolved_by": by,
+                "resolved_at": now,
+            }),
+        )
+    }
+
     /// Deletes the row with this `id` (cascading as the schema does).
     pub fn delete(&self, table: &str, id: &str) {
         let q = Query::parse(&[("id".into(), format!("eq.{id}"))]).expect("a filter");

@@ -1,11 +1,11 @@
 //! Every fault kind, as a reqwest client sees it, and the request log.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 use super::fakes::golioth::DEFAULT_KEY;
-use super::fakes::{Answer, FakeGolioth, Fault, Match};
+use super::fakes::{Answer, Counts, FakeGolioth, FakeNetNeural, Fault, Match, netneural};
 use super::{client, client_with_timeout};
 
 fn devices_url(fake: &FakeGolioth) -> String {
@@ -179,5 +179,120 @@ async fn a_poisoned_write_is_refused_with_400_and_reads_are_not_affected() {
     assert_eq!(
         create(&http, &fake, "BAD-device").await.unwrap().status(),
         200
+    );
+}
+
+#[tokio::test]
+async fn a_standing_delay_slows_every_request_overlapping_and_is_never_used_up() {
+    let fake = FakeGolioth::start().await;
+    let http = client();
+    let faults = fake.faults();
+    faults.always(Match::any(), Fault::Delay(Duration::from_millis(20)));
+    for _ in 0..5 {
+        let started = Instant::now();
+        assert_eq!(list(&http, &fake).await.unwrap().status(), 200);
+        assert!(started.elapsed() >= Duration::from_millis(20));
+    }
+    let started = Instant::now();
+    assert_eq!(create(&http, &fake, "a").await.unwrap().status(), 200);
+    assert!(started.elapsed() >= Duration::from_millis(20), "writes too");
+    assert_eq!(
+        faults.pending(),
+        0,
+        "a standing fault is not a scripted count"
+    );
+
+    faults.clear();
+    faults.always(Match::any(), Fault::Delay(Duration::from_millis(250)));
+    let started = Instant::now();
+    let mut lists = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (http, url) = (http.clone(), devices_url(&fake));
+        lists.spawn(async move { http.get(url).header("x-api-key", DEFAULT_KEY).send().await });
+    }
+    while let Some(r) = lists.join_next().await {
+        assert_eq!(r.unwrap().unwrap().status(), 200);
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_millis(1500),
+        "8 requests of 250 ms each, in parallel, took {took:?}"
+    );
+    faults.clear();
+    let started = Instant::now();
+    list(&http, &fake).await.unwrap();
+    assert!(started.elapsed() < Duration::from_millis(250), "cleared");
+}
+
+#[tokio::test]
+async fn both_fakes_count_reads_and_writes_however_they_were_answered() {
+    let golioth = FakeGolioth::start().await;
+    let http = client();
+    let mark = golioth.faults().mark();
+    golioth
+        .faults()
+        .next(Match::get("/devices"), Fault::status(503), 1);
+    golioth
+        .faults()
+        .next(Match::post("/devices"), Fault::Drop, 1);
+    for _ in 0..3 {
+        let _ = list(&http, &golioth).await;
+    }
+    for name in ["a", "b"] {
+        let _ = create(&http, &golioth, name).await;
+    }
+    assert_eq!(
+        golioth.faults().counts(),
+        Counts {
+            reads: 3,
+            writes: 2
+        }
+    );
+    assert_eq!(
+        golioth.faults().counts_by_kind_since(mark),
+        Counts {
+            reads: 3,
+            writes: 2
+        }
+    );
+
+    let nn = FakeNetNeural::start().await;
+    let url = |rest: &str| format!("{}/rest/v1/{rest}", nn.url());
+    nn.faults()
+        .next(Match::patch("/devices"), Fault::LoseResponse, 1);
+    let id = nn.seed_device("0b8f5c1e-0000-4000-8000-000000000001", "a", &[]);
+    let mark = nn.faults().mark();
+    for _ in 0..2 {
+        http.get(url("devices"))
+            .header("apikey", netneural::DEFAULT_KEY)
+            .send()
+            .await
+            .unwrap();
+    }
+    let _ = http
+        .patch(url(&format!("devices?id=eq.{id}")))
+        .header("apikey", netneural::DEFAULT_KEY)
+        .json(&json!({"name": "b"}))
+        .send()
+        .await;
+    http.delete(url(&format!("devices?id=eq.{id}")))
+        .header("apikey", netneural::DEFAULT_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        nn.faults().counts_by_kind_since(mark),
+        Counts {
+            reads: 2,
+            writes: 2
+        },
+        "seeding through the fake's own helpers is not a request"
+    );
+    assert_eq!(
+        nn.faults().counts(),
+        Counts {
+            reads: 2,
+            writes: 2
+        }
     );
 }

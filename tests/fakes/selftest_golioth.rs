@@ -284,3 +284,101 @@ async fn requests_without_the_key_or_with_a_revoked_one_get_401() {
         .unwrap();
     assert_eq!(resp.status(), 403);
 }
+
+#[tokio::test]
+async fn a_list_at_a_state_path_carries_each_devices_nested_document_on_every_page() {
+    let fake = FakeGolioth::start().await;
+    let api = Api::new(&fake);
+    let desired =
+        |i: usize| json!({"led": i, "cfg": {"mode": format!("m{i}"), "levels": [i, i + 1]}});
+    let ids: Vec<String> = (0..250)
+        .map(|i| {
+            let id = fake.create_device(&format!("dev-{i:03}"), &[&format!("hw-{i:03}")]);
+            match i {
+                7 => fake.set_state(&id, "state", json!({"on": true})),
+                8 => fake.set_state(&id, "desired", Value::Null),
+                _ => fake.set_state(&id, "desired", desired(i)),
+            }
+            id
+        })
+        .collect();
+
+    let mut got: Vec<Value> = Vec::new();
+    for page in 0..3 {
+        let (status, body) = api
+            .get(&format!(
+                "devices?statePath=desired&page={page}&perPage=100"
+            ))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            (body["page"].clone(), body["total"].clone()),
+            (json!(page), json!(250))
+        );
+        got.extend(body["list"].as_array().unwrap().iter().cloned());
+    }
+    assert_eq!(got.len(), 250);
+    for (i, d) in got.iter().enumerate() {
+        assert_eq!(d["id"], ids[i].as_str());
+        match i {
+            7 => assert!(d.get("data").is_none(), "nothing at the path: no data"),
+            8 => assert_eq!(d["data"], Value::Null),
+            _ => assert_eq!(d["data"], desired(i), "device {i}"),
+        }
+    }
+    let (_, deeper) = api
+        .get("devices?statePath=desired/cfg&perPage=1&page=5")
+        .await;
+    assert_eq!(deeper["list"][0]["data"], desired(5)["cfg"]);
+}
+
+#[tokio::test]
+async fn a_state_sub_path_is_replaced_by_put_merged_by_post_and_deleted_alone() {
+    let fake = FakeGolioth::start().await;
+    let api = Api::new(&fake);
+    let id = fake.create_device("a", &["hw-a"]);
+    let data = |p: &str| format!("devices/{id}/data/{p}");
+    fake.set_state(&id, "desired", json!({"led": 1, "cfg": {"x": 1, "y": 1}}));
+    fake.set_state(&id, "state", json!({"led": 0}));
+
+    api.send("PUT", &data("desired/cfg"), Some(json!({"x": 2})))
+        .await;
+    assert_eq!(
+        fake.state(&id, "desired"),
+        Some(json!({"led": 1, "cfg": {"x": 2}}))
+    );
+    api.send(
+        "POST",
+        &data("desired"),
+        Some(json!({"cfg": {"z": 3}, "fan": true})),
+    )
+    .await;
+    assert_eq!(
+        fake.state(&id, "desired"),
+        Some(json!({"led": 1, "cfg": {"x": 2, "z": 3}, "fan": true}))
+    );
+    let (status, body) = api.send("DELETE", &data("desired/led"), None).await;
+    assert_eq!((status, body), (200, json!({})));
+    let (status, body) = api.send("DELETE", &data("desired/led"), None).await;
+    assert_eq!((status, body), (200, json!({})), "deleting nothing is done");
+    assert_eq!(
+        fake.state(&id, "desired"),
+        Some(json!({"cfg": {"x": 2, "z": 3}, "fan": true}))
+    );
+    assert_eq!(
+        fake.state(&id, "state"),
+        Some(json!({"led": 0})),
+        "siblings stay"
+    );
+    api.send("PUT", &data("desired/cfg/x"), Some(json!(5)))
+        .await;
+    assert_eq!(
+        fake.state(&id, "desired/cfg"),
+        Some(json!({"x": 5, "z": 3}))
+    );
+    let (_, listed) = api.get("devices?statePath=desired").await;
+    assert_eq!(
+        listed["list"][0]["data"],
+        json!({"cfg": {"x": 5, "z": 3}, "fan": true})
+    );
+}

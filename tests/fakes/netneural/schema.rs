@@ -219,7 +219,7 @@ pub(super) fn schema() -> Vec<Table> {
                     "timestamp_conflict",
                     "status_conflict",
                 ]),
-                col("field_name", Text),
+                col("field_name", Text).not_null(),
                 col("local_value", Json),
                 col("remote_value", Json),
                 col("local_updated_at", Timestamp),
