@@ -8,11 +8,12 @@
 //! `updated_at`: a row another writer changed since the read is not overwritten (the push
 //! counts as failed, and the next run reads the row again).
 //!
-//! **Cursor.** The newest `updated_at` seen (the server's own clock and text, so the
-//! gateway's clock never enters). The next read asks for rows with `updated_at >=` the cursor
-//! minus [`OVERLAP`]: rows committed late with an earlier timestamp, and rows updated while a
-//! read was paging, are read again instead of missed. Reading a row twice is harmless (it
-//! merges to nothing); missing one is not.
+//! **Cursor.** The newest `updated_at` seen (the server's own clock, so the gateway's clock
+//! never enters), moved back by as long as the read took: pages are keyed by id, so a row
+//! updated during the read on a page already read is missed by it, and its new `updated_at`
+//! may be older than a row read later. The next read asks for rows with `updated_at >=` the
+//! cursor minus [`OVERLAP`], which also covers transactions that commit late with an earlier
+//! timestamp. Reading a row twice is harmless (it merges to nothing); missing one is not.
 
 use std::time::Duration;
 
@@ -101,6 +102,7 @@ pub fn direction_word(d: SyncDirection) -> &'static str {
 impl NetNeuralSpoke {
     /// Devices and assignments changed since the cursors.
     pub async fn pull(&self, cursors: &Cursors) -> Result<Pull, CloudError> {
+        let started = std::time::Instant::now();
         let devices = self
             .client
             .devices_changed_since(since(cursors.devices.as_ref()).as_deref(), PAGE)
@@ -119,6 +121,19 @@ impl NetNeuralSpoke {
             assignment_cursor = newest(assignment_cursor, at.as_ref());
             directions.push((a.device_id.0, direction_word(a.direction)));
         }
+        // Moved back by the read's duration only when it saw something newer (else a cursor
+        // would drift back a little every run), and never behind where it was.
+        let took = started.elapsed().as_millis() as i64;
+        let back = |new: Option<String>, old: &Option<String>| {
+            if new == *old {
+                return new;
+            }
+            let t = parse_rfc3339(new.as_ref()?)?.0 - took;
+            let floor = old.as_deref().and_then(parse_rfc3339).map_or(i64::MIN, |o| o.0);
+            Some(UnixMillis(t.max(floor)).to_rfc3339())
+        };
+        let device_cursor = back(device_cursor, &cursors.devices);
+        let assignment_cursor = back(assignment_cursor, &cursors.assignments);
         let mut new_cursors = Vec::new();
         if let Some(c) = device_cursor {
             new_cursors.push((DEVICES_CURSOR, c));
