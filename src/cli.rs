@@ -241,6 +241,13 @@ pub fn devices(path: &Path, json: bool) -> Result<String, StoreError> {
             "  desired:  {}",
             doc(d.desired.as_ref(), d.desired_version)
         );
+        if !d.removed_from.is_empty() {
+            let _ = writeln!(
+                out,
+                "  REMOVED in {} (kept here with its data)",
+                d.removed_from.join(", ")
+            );
+        }
     }
     Ok(out)
 }

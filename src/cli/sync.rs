@@ -25,7 +25,8 @@ pub enum ConflictCommandError {
 }
 
 fn show(v: &Option<Value>) -> String {
-    v.as_ref().map_or_else(|| "(absent)".to_owned(), Value::to_string)
+    v.as_ref()
+        .map_or_else(|| "(absent)".to_owned(), Value::to_string)
 }
 
 fn render_conflict(out: &mut String, c: &ConflictView, full: bool) {
@@ -173,7 +174,7 @@ fn signal_daemon(path: &Path) -> Result<i32, String> {
 /// `nn-gateway sync now`: signals the daemon and waits (up to `wait`) for the run to finish,
 /// then prints what it came to.
 pub fn sync_now(path: &Path, wait: Duration) -> Result<String, StoreError> {
-    let before = Db::open_readonly(path)?.sync_last_run()?;
+    let asked = crate::model::UnixMillis::now().0;
     let pid = signal_daemon(path).map_err(|reason| StoreError::Open {
         path: path.to_owned(),
         reason,
@@ -181,13 +182,21 @@ pub fn sync_now(path: &Path, wait: Duration) -> Result<String, StoreError> {
     let deadline = Instant::now() + wait;
     while Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
-        let now = Db::open_readonly(path)?.sync_last_run()?;
-        if now != before
-            && let Some(run) = now
+        // A run that started after the signal (one in progress when it came may have read
+        // the clouds before the edit this command is meant to carry).
+        let last = Db::open_readonly(path)?.sync_last_run()?;
+        if let Some(run) = last
+            && run["started_ms"].as_i64().is_some_and(|t| t >= asked)
         {
             let mut out = format!("sync run done (daemon pid {pid}):\n");
             for key in [
-                "devices", "imported", "taken", "pushed", "push_failed", "conflicts", "removed",
+                "devices",
+                "imported",
+                "taken",
+                "pushed",
+                "push_failed",
+                "conflicts",
+                "removed",
                 "duration_ms",
             ] {
                 let _ = writeln!(out, "  {key:<12} {}", run[key]);

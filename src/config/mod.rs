@@ -27,8 +27,8 @@ pub mod topics;
 pub use cloud::{GoliothConfig, HttpSettings, IdTemplate, NetNeuralConfig};
 
 pub use secret::Secret;
-pub use sync::{RuleSetting, StrategySetting, SyncConfig};
 use secret::read_secret;
+pub use sync::{RuleSetting, StrategySetting, SyncConfig};
 
 /// The annotated default configuration, embedded so `nn-gateway run` works with no file.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/gateway.toml");

@@ -9,8 +9,8 @@ use serde_json::Value;
 use super::StoreError;
 use super::db::Db;
 use super::doc::parse_doc;
-use super::views::{DeviceView, TelemetryView};
 use super::sync::write_desired;
+use super::views::{DeviceView, TelemetryView};
 use super::write::upsert_device;
 use crate::model::{DesiredDoc, DeviceKey, Origin, UnixMillis};
 
@@ -150,7 +150,8 @@ impl Db {
     pub fn devices(&self) -> Result<Vec<DeviceView>, StoreError> {
         let mut stmt = self.conn.prepare(
             "SELECT v.key, v.origin, v.first_seen, v.last_seen, r.doc, r.version, d.doc, d.version,
-                    (SELECT count(*) FROM telemetry t WHERE t.device_id = v.id)
+                    (SELECT count(*) FROM telemetry t WHERE t.device_id = v.id),
+                    v.golioth_removed_at, v.netneural_removed_at
              FROM device v
              LEFT JOIN reported_state r ON r.device_id = v.id
              LEFT JOIN desired_state d ON d.device_id = v.id
@@ -167,6 +168,15 @@ impl Db {
                 desired: r.get::<_, Option<String>>(6)?.map(|s| parse_doc(&s)),
                 desired_version: r.get(7)?,
                 telemetry_points: r.get(8)?,
+                removed_from: [("golioth", 9), ("netneural", 10)]
+                    .into_iter()
+                    .filter_map(|(cloud, i)| {
+                        r.get::<_, Option<i64>>(i)
+                            .ok()
+                            .flatten()
+                            .map(|_| cloud.to_owned())
+                    })
+                    .collect(),
             })
         })?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)

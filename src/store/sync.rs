@@ -343,9 +343,9 @@ impl Db {
             }
         }
         {
-            let mut stmt = self
-                .conn
-                .prepare("SELECT device_id, target, field FROM conflict WHERE status = 'pending'")?;
+            let mut stmt = self.conn.prepare(
+                "SELECT device_id, target, field FROM conflict WHERE status = 'pending'",
+            )?;
             let mut rows = stmt.query([])?;
             while let Some(r) = rows.next()? {
                 let (id, target): (i64, String) = (r.get(0)?, r.get(1)?);
@@ -372,9 +372,11 @@ impl Db {
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let existing: Option<i64> = tx
-            .query_row("SELECT id FROM device WHERE key = ?1", [key.as_str()], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT id FROM device WHERE key = ?1",
+                [key.as_str()],
+                |r| r.get(0),
+            )
             .optional()?;
         let id = match existing {
             Some(id) => id,
@@ -480,7 +482,11 @@ impl Db {
 
     /// Conflicts, pending first then newest first; all of them with `all`, else pending only.
     pub fn conflicts(&self, all: bool, limit: usize) -> Result<Vec<ConflictView>, StoreError> {
-        let filter = if all { "" } else { "WHERE c.status = 'pending'" };
+        let filter = if all {
+            ""
+        } else {
+            "WHERE c.status = 'pending'"
+        };
         self.conflict_query(
             &format!(
                 "{CONFLICT_SELECT} {filter}
@@ -573,12 +579,20 @@ impl Db {
             Resolution::Remote => view.remote.clone(),
             Resolution::Value(v) => (!v.is_null()).then(|| v.clone()),
         };
-        let device_id: i64 = tx.query_row("SELECT device_id FROM conflict WHERE id = ?1", [id], |r| {
-            r.get(0)
-        })?;
+        let device_id: i64 =
+            tx.query_row("SELECT device_id FROM conflict WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })?;
         set_field(&tx, device_id, &view.field, value.as_ref(), now)?;
         let target = target_of(&view.target)?;
-        set_base_field(&tx, device_id, target, &view.field, view.remote.as_ref(), now)?;
+        set_base_field(
+            &tx,
+            device_id,
+            target,
+            &view.field,
+            view.remote.as_ref(),
+            now,
+        )?;
         let strategy = match choice {
             Resolution::Local => "local_wins",
             Resolution::Remote => "remote_wins",
@@ -590,12 +604,11 @@ impl Db {
              WHERE id = ?1 AND status = 'pending'",
             params![id, strategy, text_opt(&value), by, now],
         )?;
-        let conflict = tx
-            .query_row(
-                &format!("{CONFLICT_SELECT} WHERE c.id = ?1"),
-                [id],
-                conflict_view,
-            )?;
+        let conflict = tx.query_row(
+            &format!("{CONFLICT_SELECT} WHERE c.id = ?1"),
+            [id],
+            conflict_view,
+        )?;
         tx.commit()?;
         Ok(Ok(Resolved { conflict, value }))
     }
@@ -635,7 +648,8 @@ impl Db {
     }
 }
 
-const CONFLICT_SELECT: &str = "SELECT c.id, v.key, c.target, c.field, c.local_value, c.remote_value,
+const CONFLICT_SELECT: &str =
+    "SELECT c.id, v.key, c.target, c.field, c.local_value, c.remote_value,
         c.base_value, c.local_at, c.remote_at, c.detected_at, c.status, c.strategy,
         c.resolved_value, c.resolved_by, c.resolved_at, c.remote_ref
     FROM conflict c JOIN device v ON v.id = c.device_id";
@@ -727,7 +741,13 @@ fn apply_device(
             "INSERT INTO sync_base(device_id, target, field, value, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
         for (field, value) in base {
-            insert.execute(params![d.id, target.as_str(), field, value.to_string(), now])?;
+            insert.execute(params![
+                d.id,
+                target.as_str(),
+                field,
+                value.to_string(),
+                now
+            ])?;
         }
     }
     for (target, copy) in &d.copies {
@@ -823,7 +843,10 @@ fn set_field(
             )?;
         }
         "/tags" => {
-            let tags = value.cloned().unwrap_or(Value::Array(Vec::new())).to_string();
+            let tags = value
+                .cloned()
+                .unwrap_or(Value::Array(Vec::new()))
+                .to_string();
             tx.execute(
                 "UPDATE device SET tags = ?2, meta_updated_at = ?3 WHERE id = ?1",
                 params![device_id, tags, now],

@@ -86,6 +86,8 @@ pub struct DeviceView {
     pub desired: Option<Value>,
     pub desired_version: Option<i64>,
     pub telemetry_points: i64,
+    /// The clouds this device was removed from (it is kept here, with its data).
+    pub removed_from: Vec<String>,
 }
 
 /// One telemetry point for `nn-gateway telemetry`.

@@ -6,7 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use nn_gateway::config::Synchronous;
+use std::time::Duration;
+
+use nn_gateway::config::{Config, Synchronous};
 use nn_gateway::model::Target;
 use nn_gateway::store::{Db, OpenOptions};
 
@@ -213,4 +215,49 @@ impl Drop for Daemon {
             let _ = child.wait();
         }
     }
+}
+
+/// Points the configuration at the fakes (either may be left out), with fast retries.
+pub fn clouds(
+    cfg: &mut Config,
+    dir: &std::path::Path,
+    golioth: Option<&FakeGolioth>,
+    netneural: Option<&FakeNetNeural>,
+) {
+    if let Some(g) = golioth {
+        let key = dir.join("golioth.key");
+        std::fs::write(&key, format!("{}\n", super::golioth::DEFAULT_KEY)).unwrap();
+        cfg.golioth.enabled = true;
+        cfg.golioth.api_url = g.url().parse().unwrap();
+        cfg.golioth.project_id = g.project().to_owned();
+        cfg.golioth.api_key_file = Some(key);
+        cfg.golioth.retry_min = Duration::from_millis(100);
+        cfg.golioth.retry_max = Duration::from_secs(2);
+        cfg.golioth.request_timeout = Duration::from_secs(2);
+    }
+    if let Some(n) = netneural {
+        let key = dir.join("netneural.key");
+        std::fs::write(&key, format!("{}\n", super::netneural::DEFAULT_KEY)).unwrap();
+        cfg.netneural.enabled = true;
+        cfg.netneural.url = Some(n.url().parse().unwrap());
+        cfg.netneural.organization_id = ORG.into();
+        cfg.netneural.integration_id = INTEGRATION.into();
+        cfg.netneural.api_key_file = Some(key);
+        cfg.netneural.retry_min = Duration::from_millis(100);
+        cfg.netneural.retry_max = Duration::from_secs(2);
+        cfg.netneural.request_timeout = Duration::from_secs(2);
+        cfg.netneural.telemetry_batch = 200;
+    }
+}
+
+/// Loads the key files as `Config::load` does (the test builds its config by hand).
+pub fn with_keys(mut cfg: Config) -> Config {
+    let read = |p: &Option<std::path::PathBuf>| {
+        p.as_ref().map(|p| {
+            nn_gateway::config::Secret::new(std::fs::read_to_string(p).unwrap().trim().to_owned())
+        })
+    };
+    cfg.golioth.api_key = read(&cfg.golioth.api_key_file);
+    cfg.netneural.api_key = read(&cfg.netneural.api_key_file);
+    cfg
 }

@@ -96,8 +96,8 @@ pub fn link(
                 if out.seen.contains_key(&i) {
                     continue;
                 }
-                let relink = (devices[i].remote_id(target) != Some(doc.id.as_str()))
-                    .then(|| doc.id.clone());
+                let relink =
+                    (devices[i].remote_id(target) != Some(doc.id.as_str())).then(|| doc.id.clone());
                 out.seen.insert(
                     i,
                     Seen {

@@ -158,13 +158,15 @@ impl Syncer {
     pub async fn run_once(&self) -> Result<RunReport, StoreError> {
         let _one_at_a_time = self.running.lock().await;
         let started = Instant::now();
+        let started_at = UnixMillis::now();
         let mut report = RunReport::default();
         let cursors = self
             .store
             .call(|db| {
                 Ok(Cursors {
                     devices: db.sync_cursor(Target::NetNeural, netneural::DEVICES_CURSOR)?,
-                    assignments: db.sync_cursor(Target::NetNeural, netneural::ASSIGNMENTS_CURSOR)?,
+                    assignments: db
+                        .sync_cursor(Target::NetNeural, netneural::ASSIGNMENTS_CURSOR)?,
                 })
             })
             .await?;
@@ -378,7 +380,9 @@ impl Syncer {
                 report.conflicts += 1;
                 log.push(LogEntry {
                     conflicts: 1,
-                    details: Some(json!({"field": c.field, "status": c.status, "strategy": c.strategy})),
+                    details: Some(
+                        json!({"field": c.field, "status": c.status, "strategy": c.strategy}),
+                    ),
                     ..device_log_entry(c.target.as_str(), "conflict", device.id, "completed", None)
                 });
             }
@@ -425,6 +429,7 @@ impl Syncer {
         }
         let summary = json!({
             "at": UnixMillis::now().to_rfc3339(),
+            "started_ms": started_at.0,
             "devices": report.devices, "imported": report.imported, "taken": report.taken,
             "pushed": report.pushed, "push_failed": report.push_failed,
             "conflicts": report.conflicts, "removed": report.removed,
@@ -480,15 +485,14 @@ impl Syncer {
                 set.spawn(async move {
                     let _permit = gate.acquire_owned().await;
                     let result = match (target, golioth, netneural) {
-                        (Target::Golioth, Some(g), _) => g
-                            .push(&remote_id, &after, &pushed)
-                            .await
-                            .map(|()| {
+                        (Target::Golioth, Some(g), _) => {
+                            g.push(&remote_id, &after, &pushed).await.map(|()| {
                                 Some(RemoteCopy {
                                     fields: after,
                                     ..copy
                                 })
-                            }),
+                            })
+                        }
                         (Target::NetNeural, _, Some(n)) => {
                             n.push(&remote_id, &copy, &after, &pushed).await
                         }
@@ -686,7 +690,11 @@ fn log_run(r: &RunReport, last_error: &mut Option<String>) {
         tracing::info!("sync runs complete again");
     }
     if r.is_quiet() {
-        tracing::debug!(devices = r.devices, ms = r.duration_ms, "sync run: nothing new");
+        tracing::debug!(
+            devices = r.devices,
+            ms = r.duration_ms,
+            "sync run: nothing new"
+        );
     } else {
         tracing::info!(
             devices = r.devices,

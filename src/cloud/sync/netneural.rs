@@ -129,7 +129,10 @@ impl NetNeuralSpoke {
                 return new;
             }
             let t = parse_rfc3339(new.as_ref()?)?.0 - took;
-            let floor = old.as_deref().and_then(parse_rfc3339).map_or(i64::MIN, |o| o.0);
+            let floor = old
+                .as_deref()
+                .and_then(parse_rfc3339)
+                .map_or(i64::MIN, |o| o.0);
             Some(UnixMillis(t.max(floor)).to_rfc3339())
         };
         let device_cursor = back(device_cursor, &cursors.devices);
