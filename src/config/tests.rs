@@ -365,3 +365,60 @@ fn a_relative_database_path_lives_in_systemds_state_directory() {
     let cfg = Config::load_with(&Source::Embedded, &[], None).unwrap();
     assert_eq!(cfg.storage.path, PathBuf::from("data/gateway.db"));
 }
+
+#[test]
+fn the_sync_section_takes_strategies_and_field_policies_from_file_and_environment() {
+    use crate::reconcile::{FieldRule, Strategy};
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        "s.toml",
+        "[sync]\nconflict_strategy = \"local_wins\"\n[sync.fields]\n\"/name\" = \"local_wins\"\n\
+         \"/desired/firmware_version\" = \"remote_wins\"\n\"/tags\" = \"merge\"\n",
+    );
+    let cfg = Config::load_with(
+        &Source::File(file.clone()),
+        &env(&[
+            ("NNGW_SYNC__INTERVAL", "15s"),
+            ("NNGW_SYNC__CONFLICT_STRATEGY", "newest_wins"),
+        ]),
+        None,
+    )
+    .unwrap();
+    assert_eq!(cfg.sync.interval, Duration::from_secs(15));
+    let policy = cfg.sync.policy();
+    assert_eq!(
+        policy.strategy,
+        Strategy::NewestWins,
+        "environment beats file"
+    );
+    assert_eq!(
+        policy.rule_for("/desired/firmware_version"),
+        FieldRule::Strategy(Strategy::RemoteWins)
+    );
+    assert_eq!(policy.rule_for("/tags"), FieldRule::MergeSet);
+    assert_eq!(
+        policy.rule_for("/desired/led"),
+        FieldRule::Strategy(Strategy::NewestWins),
+        "fields without a policy follow the global strategy"
+    );
+    // It loads again as it prints.
+    let again = write(&dir, "again.toml", &cfg.to_toml());
+    let back = Config::load_with(&Source::File(again), &[], None).unwrap();
+    assert_eq!(back.sync.policy(), policy);
+
+    let bad = Config::load_with(
+        &Source::File(file.clone()),
+        &env(&[("NNGW_SYNC__CONFLICT_STRATEGY", "first_wins")]),
+        None,
+    )
+    .unwrap_err();
+    assert!(bad.origin.contains("NNGW_SYNC__CONFLICT_STRATEGY"), "{bad}");
+    assert!(bad.to_string().contains("local_wins, remote_wins"), "{bad}");
+    let field = write(&dir, "f.toml", "[sync.fields]\n\"/firmware\" = \"merge\"\n");
+    let bad = Config::load_with(&Source::File(field), &[], None).unwrap_err();
+    assert!(
+        bad.to_string().contains("/desired/firmware_version"),
+        "{bad}"
+    );
+}

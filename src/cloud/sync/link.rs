@@ -306,3 +306,138 @@ pub fn is_empty(c: &DeviceCommit) -> bool {
         && c.copies.is_empty()
         && c.conflicts.is_empty()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::IdTemplate;
+    use crate::store::sync::SpokeState;
+
+    fn device(id: i64, key: &str, golioth: Option<&str>, netneural: Option<&str>) -> SyncDevice {
+        SyncDevice {
+            id,
+            key: DeviceKey::parse(key).unwrap(),
+            origin: "mqtt".into(),
+            golioth_id: golioth.map(str::to_owned),
+            netneural_id: netneural.map(str::to_owned),
+            golioth_removed_at: None,
+            netneural_removed_at: None,
+            netneural_direction: None,
+            name: None,
+            tags: Vec::new(),
+            enabled: None,
+            desired: None,
+            local_at: None,
+            golioth: SpokeState::default(),
+            netneural: SpokeState::default(),
+        }
+    }
+
+    fn doc(id: &str, hw: &str) -> RemoteDoc {
+        RemoteDoc {
+            id: id.into(),
+            hardware_ids: vec![hw.into()],
+            ..RemoteDoc::default()
+        }
+    }
+
+    fn fleet() -> Identity {
+        Identity {
+            template: IdTemplate::parse("{site}-{device}").unwrap(),
+            site: "berlin".into(),
+        }
+    }
+
+    #[test]
+    fn a_hardware_id_gives_back_the_local_key_only_for_this_site() {
+        let id = fleet();
+        assert_eq!(id.key_of("berlin-s-1").unwrap().as_str(), "s-1");
+        assert_eq!(id.key_of("paris-s-1"), None);
+        assert_eq!(id.key_of("berlin-"), None, "an empty key is no key");
+        let single = Identity {
+            template: IdTemplate::default(),
+            site: String::new(),
+        };
+        assert_eq!(single.key_of("s-1").unwrap().as_str(), "s-1");
+    }
+
+    #[test]
+    fn documents_link_by_cloud_id_then_golioth_id_then_hardware_id_and_the_rest_are_imported() {
+        let devices = vec![
+            device(1, "a", Some("g-a"), Some("n-a")),
+            device(2, "b", Some("g-b"), None),
+            device(3, "c", None, None),
+        ];
+        let mut by_external = doc("n-b", "elsewhere-b");
+        by_external.golioth_id = Some("g-b".into());
+        let docs = vec![
+            doc("n-a", "berlin-zzz"),
+            by_external,
+            doc("n-c", "berlin-c"),
+            doc("n-new", "berlin-new"),
+            doc("n-other", "paris-x"),
+        ];
+        let l = link(Target::NetNeural, &devices, &docs, false, &fleet());
+        assert_eq!(l.seen[&0].relink, None, "linked by its id");
+        assert_eq!(
+            l.seen[&1].relink.as_deref(),
+            Some("n-b"),
+            "by the Golioth id"
+        );
+        assert_eq!(l.seen[&2].relink.as_deref(), Some("n-c"), "by hardware id");
+        assert_eq!(l.imports.len(), 1, "{:?}", l.imports);
+        assert_eq!(l.imports[0].key.as_str(), "new");
+        assert!(l.seen.values().all(|s| !s.removed));
+    }
+
+    #[test]
+    fn a_complete_read_marks_linked_devices_it_lacks_as_removed_and_a_deleted_row_too() {
+        let devices = vec![
+            device(1, "a", Some("g-a"), Some("n-a")),
+            device(2, "b", Some("g-b"), None),
+        ];
+        let l = link(
+            Target::Golioth,
+            &devices,
+            &[doc("g-a", "berlin-a")],
+            true,
+            &fleet(),
+        );
+        assert!(!l.seen[&0].removed);
+        assert!(l.seen[&1].removed && l.seen[&1].doc.is_none());
+        let mut gone = doc("n-a", "berlin-a");
+        gone.deleted = true;
+        let l = link(Target::NetNeural, &devices, &[gone], false, &fleet());
+        assert!(l.seen[&0].removed);
+        assert!(
+            !l.seen.contains_key(&1),
+            "an incremental read says nothing of the rest"
+        );
+    }
+
+    #[test]
+    fn netneural_directions_read_from_the_backend() {
+        assert_eq!(
+            direction(Some("import")),
+            Direction {
+                pull: false,
+                push: true
+            }
+        );
+        assert_eq!(
+            direction(Some("export")),
+            Direction {
+                pull: true,
+                push: false
+            }
+        );
+        assert_eq!(
+            direction(Some("none")),
+            Direction {
+                pull: false,
+                push: false
+            }
+        );
+        assert_eq!(direction(None), Direction::BOTH);
+    }
+}

@@ -2,6 +2,7 @@
 //! migrations, desired state, streams; retention in [`retention`].
 
 mod retention;
+mod sync;
 
 use serde_json::json;
 
