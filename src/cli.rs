@@ -70,6 +70,25 @@ pub fn render_status(s: &Status, running: bool) -> String {
         s.redeliveries_total
     );
     let _ = writeln!(out, "conflicts      {} pending", s.conflicts_pending);
+    if let Some(run) = &s.sync_last_run {
+        let errors = run["errors"].as_array().map_or(0, Vec::len);
+        let _ = writeln!(
+            out,
+            "last sync      {}: {} devices, {} taken, {} pushed ({} failed), {} conflicts, {} ms{}",
+            run["at"].as_str().unwrap_or("?"),
+            run["devices"],
+            run["taken"],
+            run["pushed"],
+            run["push_failed"],
+            run["conflicts"],
+            run["duration_ms"],
+            if errors > 0 {
+                format!(", {errors} errors (see `nn-gateway sync-log`)")
+            } else {
+                String::new()
+            }
+        );
+    }
     if let Some(b) = s.daemon.as_ref().filter(|b| running && !b.stopped) {
         for (target, c) in &b.clouds {
             let ago = |t: i64| {

@@ -2,9 +2,9 @@
 //!
 //! The store is the truth: every desired document has a global change counter (`seq`) and a
 //! `published_seq`, the last change the MQTT broker acknowledged. This task wakes on a timer
-//! (`gateway.downlink_poll`) and on the broker's acknowledgements. Every desired edit today is
-//! made by another process (`nn-gateway desired set`) and seen at the next poll; there is no
-//! edit inside the daemon to ring a bell for. On each pass it:
+//! (`gateway.downlink_poll`) and on the broker's acknowledgements. Desired edits come from
+//! another process (`nn-gateway desired set`, `conflicts resolve`) and from the daemon's own
+//! sync runs; all are seen at the next poll (one indexed query). On each pass it:
 //! - tells the CoAP server about every change since the last one it saw, for its observers;
 //! - publishes, retained at QoS 1, every document whose newest change the broker has not
 //!   acknowledged, and records the acknowledgement when it comes. A document handed to the

@@ -23,11 +23,14 @@
 //! - [`cloud`]: what both cloud clients share — the typed [`cloud::CloudError`] (which cloud,
 //!   which request, what failed, retried or not), the HTTP client set-up, `Retry-After` — and
 //!   a room per cloud: [`cloud::golioth`] and [`cloud::netneural`] (each its client, wire
-//!   types and mapping), [`cloud::uplink`] (each cloud as an outbox lane sees it).
+//!   types and mapping), [`cloud::uplink`] (each cloud as an outbox lane sees it), and
+//!   [`cloud::sync`] (reconciliation runs: read both clouds, link, merge with [`reconcile`],
+//!   write, commit).
 //! - [`config`]: the typed configuration, from TOML and `NNGW_` environment variables, holding
 //!   parsed values (topic templates, addresses, URLs) so that what runs later cannot fail on them.
 //! - [`store`]: the SQLite mirror — migrations, all SQL (one file per aggregate: ingest,
-//!   devices and desired state, outbox and telemetry cursors, retention, status), and the
+//!   devices and desired state, outbox and telemetry cursors, reconciliation, retention,
+//!   status), and the
 //!   store thread with group commit.
 //! - [`mqtt`]: rumqttc client of the site broker — ingest acknowledged after commit, in
 //!   batches, desired publishes.
@@ -41,7 +44,8 @@
 //!   the store answers, STATUS=.
 //! - [`retention`]: the task that has the store enforce telemetry retention every minute.
 //! - [`daemon`]: start-up as a list of spawns, then shutdown in one written order.
-//! - [`cli`]: the operator commands (status, devices, rejected, desired set, check-config).
+//! - [`cli`]: the operator commands (status, devices, rejected, telemetry, queue, desired set,
+//!   conflicts, sync now, sync-log, check-config).
 
 pub mod backoff;
 pub mod cli;

@@ -59,8 +59,8 @@ pub struct GatewayConfig {
     /// abandons the rest (which the broker or device then sends again).
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
-    /// How often the daemon polls the store for desired-state changes, all of which another
-    /// process makes today (the `desired set` command).
+    /// How often the daemon polls the store for desired-state changes (from `desired set`,
+    /// conflict resolutions and sync runs).
     #[serde(with = "humantime_serde")]
     pub downlink_poll: Duration,
     /// Names this site in the clouds, which a whole fleet shares: `{site}` in `cloud_id`.

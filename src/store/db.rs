@@ -375,6 +375,7 @@ impl Db {
             daemon: self
                 .meta("daemon")?
                 .and_then(|v| serde_json::from_str(&v).ok()),
+            sync_last_run: self.sync_last_run()?,
         })
     }
 

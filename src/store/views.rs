@@ -42,6 +42,8 @@ pub struct Status {
     pub telemetry_dropped_undelivered: i64,
     /// What the daemon last wrote about itself; `None` if it never ran on this database.
     pub daemon: Option<DaemonBeat>,
+    /// The summary of the last sync run (reconciliation), if one ran.
+    pub sync_last_run: Option<Value>,
 }
 
 /// The daemon's heartbeat, written to the database every status tick so that operator commands
