@@ -55,12 +55,16 @@
 //!   document after our writes with the one pulled, not the list of actions.
 
 mod fields;
+mod hub;
 mod plan;
 
+#[cfg(test)]
+mod proptests;
 #[cfg(test)]
 mod tests;
 
 pub use fields::{Fields, TAGS, flatten, pointer_escape, subtree, unflatten};
+pub use hub::{DevicePlan, Settlement, Spoke, reconcile_device};
 pub use plan::{
     Action, Conflict, Direction, FieldRule, PlanInput, Policy, Settled, Side, Strategy, plan,
 };

@@ -2,6 +2,7 @@
 //! lookup. Documents as fields are tested in `tests/fields.rs`, the hub in `tests/hub.rs`.
 
 mod fields;
+mod hub;
 
 use std::collections::BTreeSet;
 
