@@ -175,7 +175,13 @@ impl SpokeRun {
                 set(&mut self.base_unpushed, field, value);
             }
             Action::Conflict(conflict) => {
-                if self.conflicts.iter().any(|c| c.field == conflict.field) {
+                // Not expected: a held field stays held for the rest of the run, and a
+                // conflict settled either way leaves this cloud agreeing with the mirror on
+                // the field, after which only our own pushes change the cloud's side.
+                // Asserted in tests; should it happen, the first record stands.
+                let again = self.conflicts.iter().any(|c| c.field == conflict.field);
+                debug_assert!(!again, "a second conflict on {} in one run", conflict.field);
+                if again {
                     return false;
                 }
                 if conflict.settled == Settled::Held {

@@ -405,10 +405,10 @@ impl World {
 
 fn edit() -> impl proptest::strategy::Strategy<Value = Edit> {
     prop_oneof![
-        Just(Edit::Fresh),
-        (0u8..2).prop_map(Edit::Shared),
-        any::<u8>().prop_map(Edit::Remove),
-        Just(Edit::Replace),
+        2 => Just(Edit::Fresh),
+        1 => (0u8..2).prop_map(Edit::Shared),
+        1 => any::<u8>().prop_map(Edit::Remove),
+        1 => Just(Edit::Replace),
     ]
 }
 
@@ -425,9 +425,9 @@ fn steps() -> impl proptest::strategy::Strategy<Value = Vec<Step>> {
         4 => (0..2usize, field, edit())
             .prop_map(|(cloud, field, edit)| Step::Cloud { cloud, field, edit }),
         4 => (works(), works()).prop_map(|(pulled, written)| Step::Sync { pulled, written }),
-        1 => (any::<usize>(), choice).prop_map(|(pick, choice)| Step::Resolve { pick, choice }),
+        2 => (any::<usize>(), choice).prop_map(|(pick, choice)| Step::Resolve { pick, choice }),
     ];
-    prop::collection::vec(step, 0..30)
+    prop::collection::vec(step, 1..30)
 }
 
 /// Every global strategy, alone and refined by field rules that merge the tags and give
