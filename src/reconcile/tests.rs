@@ -1,8 +1,10 @@
-//! The rule, case by case: one table of [`plan`] cases, then the policy's parsing and
-//! lookup. Documents as fields are tested in `tests/fields.rs`, the hub in `tests/hub.rs`.
+//! The rule, case by case: one table of [`plan`] cases. Documents as fields are tested in
+//! `tests/fields.rs`, the policy's parsing and lookup in `tests/policy.rs`, the hub by
+//! example in `tests/hub.rs` (and through a simulated world in `proptests.rs`).
 
 mod fields;
 mod hub;
+mod policy;
 
 use std::collections::BTreeSet;
 
@@ -486,62 +488,4 @@ fn plan_follows_the_rule_in_every_case() {
     let names: BTreeSet<&str> = cases.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(names.len(), cases.len(), "case names must be unique");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-}
-
-#[test]
-fn strategies_and_rules_parse_from_what_they_print() {
-    for strategy in Strategy::ALL {
-        assert_eq!(Strategy::parse(strategy.as_str()), Ok(strategy));
-        let rule = FieldRule::Strategy(strategy);
-        assert_eq!(FieldRule::parse(rule.as_str()), Ok(rule));
-    }
-    assert_eq!(FieldRule::parse("merge"), Ok(FieldRule::MergeSet));
-    assert_eq!(FieldRule::MergeSet.to_string(), "merge");
-}
-
-#[test]
-fn an_unknown_strategy_is_refused_with_the_allowed_ones() {
-    let err = Strategy::parse("merge").unwrap_err();
-    assert!(err.contains("\"merge\""), "{err}");
-    assert!(
-        err.contains("local_wins, remote_wins, newest_wins, manual"),
-        "{err}"
-    );
-    let err = FieldRule::parse("LocalWins").unwrap_err();
-    assert!(err.contains("manual, merge"), "{err}");
-}
-
-#[test]
-fn rule_for_takes_the_longest_pointer_on_a_segment_boundary() {
-    let policy = Policy {
-        strategy: Strategy::NewestWins,
-        fields: vec![
-            ("/desired".into(), FieldRule::Strategy(Strategy::RemoteWins)),
-            (
-                "/desired/config".into(),
-                FieldRule::Strategy(Strategy::Manual),
-            ),
-            ("/tags".into(), FieldRule::MergeSet),
-        ],
-    };
-    let rule = |f| policy.rule_for(f);
-    assert_eq!(
-        rule("/desired/config/interval"),
-        FieldRule::Strategy(Strategy::Manual)
-    );
-    assert_eq!(
-        rule("/desired/config"),
-        FieldRule::Strategy(Strategy::Manual)
-    );
-    assert_eq!(
-        rule("/desired/configx"),
-        FieldRule::Strategy(Strategy::RemoteWins)
-    );
-    assert_eq!(
-        rule("/desired/led"),
-        FieldRule::Strategy(Strategy::RemoteWins)
-    );
-    assert_eq!(rule("/tags"), FieldRule::MergeSet);
-    assert_eq!(rule("/tagsx"), FieldRule::Strategy(Strategy::NewestWins));
-    assert_eq!(rule("/name"), FieldRule::Strategy(Strategy::NewestWins));
 }
