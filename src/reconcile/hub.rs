@@ -80,8 +80,9 @@ pub struct Settlement {
     pub conflicts: Vec<(Target, Conflict)>,
 }
 
-/// Reconciles one device's mirror with the clouds in `spokes` (a cloud that could not be
-/// pulled is left out). The fields are expected as [`flatten`](super::flatten) gives them.
+/// Reconciles one device's mirror with the clouds in `spokes`: one spoke per cloud, a cloud
+/// that could not be pulled left out. The fields are expected as
+/// [`flatten`](super::flatten) gives them.
 ///
 /// Passes over the spokes in the order given, planning each against the current in-memory
 /// state and applying its actions, until a pass takes nothing.

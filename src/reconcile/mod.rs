@@ -47,12 +47,20 @@
 //!
 //! # Where this departs from the first sketch
 //!
+//! - A merged set is both taken and pushed. If the push fails, the base keeps its old value
+//!   rather than the merged set's (the sketch kept every `Take`'s base): the cloud still
+//!   holds its own set, and a base equal to the merged set would make the next run read the
+//!   cloud's set as a removal of everything the merge added, and take it, losing the
+//!   mirror's additions. With the old base the next run merges again, to the same set, and
+//!   pushes it. The simulated world in `proptests.rs` found this.
 //! - [`DevicePlan::actions`] and [`DevicePlan::local_at`] were added: the sync log counts
 //!   actions per cloud, and the store needs the mirror's change time after a take.
-//! - [`Direction`] has `PULL_ONLY`, `PUSH_ONLY` and `NONE` besides `BOTH`.
 //! - Pushes that cancel out within one run (a value pushed, then the old one pushed back
 //!   after a later take) need no write request: [`DevicePlan::pushes`] compares the cloud's
 //!   document after our writes with the one pulled, not the list of actions.
+//! - Small additions: [`Direction`] has `PULL_ONLY`, `PUSH_ONLY` and `NONE` besides `BOTH`;
+//!   [`Policy::new`] (no field rules), [`Strategy::ALL`], [`Action::field`], `Display` for
+//!   the strategy and the rule, and the [`TAGS`] pointer.
 
 mod fields;
 mod hub;

@@ -255,16 +255,7 @@ fn plan_field(input: &PlanInput<'_>, policy: &Policy, field: &str, out: &mut Vec
     let base = input.base.get(field);
     let local = input.local.fields.get(field);
     let remote = input.remote.fields.get(field);
-    let take = |value: Option<&Value>| Action::Take {
-        field: field.to_owned(),
-        value: value.cloned(),
-    };
-    let push = |value: Option<&Value>| Action::Push {
-        field: field.to_owned(),
-        value: value.cloned(),
-    };
-    let Direction { pull, push: send } = input.direction;
-
+    let Direction { pull, push } = input.direction;
     if local == remote {
         if base != local {
             out.push(Action::Agree {
@@ -274,59 +265,77 @@ fn plan_field(input: &PlanInput<'_>, policy: &Policy, field: &str, out: &mut Vec
         }
     } else if local == base {
         if pull {
-            out.push(take(remote));
+            out.push(take(field, remote));
         }
     } else if remote == base {
-        if send {
-            out.push(push(local));
+        if push {
+            out.push(send(field, local));
         }
     } else {
-        match (pull, send) {
+        match (pull, push) {
             (false, false) => {}
             // A one-way spoke is a replica: the side it copies from wins without a record.
-            (true, false) => out.push(take(remote)),
-            (false, true) => out.push(push(local)),
-            (true, true) => {
-                let strategy = match policy.rule_for(field) {
-                    FieldRule::Strategy(strategy) => strategy,
-                    FieldRule::MergeSet => match merge_sets(base, local, remote) {
-                        Some(merged) => {
-                            let merged = merged.as_ref();
-                            if merged != local {
-                                out.push(take(merged));
-                            }
-                            if merged != remote {
-                                out.push(push(merged));
-                            }
-                            return;
-                        }
-                        None => policy.strategy,
-                    },
-                };
-                let settled = match strategy {
-                    Strategy::LocalWins => Settled::Local,
-                    Strategy::RemoteWins => Settled::Remote,
-                    // `Option`'s order puts `None` before any time: an unknown time is older.
-                    Strategy::NewestWins if input.local.changed_at >= input.remote.changed_at => {
-                        Settled::Local
-                    }
-                    Strategy::NewestWins => Settled::Remote,
-                    Strategy::Manual => Settled::Held,
-                };
-                out.push(Action::Conflict(Conflict {
-                    field: field.to_owned(),
-                    local: local.cloned(),
-                    remote: remote.cloned(),
-                    base: base.cloned(),
-                    settled,
-                }));
-                match settled {
-                    Settled::Local => out.push(push(local)),
-                    Settled::Remote => out.push(take(remote)),
-                    Settled::Held => {}
-                }
-            }
+            (true, false) => out.push(take(field, remote)),
+            (false, true) => out.push(send(field, local)),
+            (true, true) => both_changed(input, policy, field, out),
         }
+    }
+}
+
+/// Both sides changed `field`, to different values, and changes flow both ways.
+fn both_changed(input: &PlanInput<'_>, policy: &Policy, field: &str, out: &mut Vec<Action>) {
+    let base = input.base.get(field);
+    let local = input.local.fields.get(field);
+    let remote = input.remote.fields.get(field);
+    let strategy = match policy.rule_for(field) {
+        FieldRule::Strategy(strategy) => strategy,
+        FieldRule::MergeSet => match merge_sets(base, local, remote) {
+            Some(merged) => {
+                let merged = merged.as_ref();
+                if merged != local {
+                    out.push(take(field, merged));
+                }
+                if merged != remote {
+                    out.push(send(field, merged));
+                }
+                return;
+            }
+            None => policy.strategy,
+        },
+    };
+    let settled = match strategy {
+        Strategy::LocalWins => Settled::Local,
+        Strategy::RemoteWins => Settled::Remote,
+        // `Option`'s order puts `None` before any time: an unknown time is older.
+        Strategy::NewestWins if input.local.changed_at >= input.remote.changed_at => Settled::Local,
+        Strategy::NewestWins => Settled::Remote,
+        Strategy::Manual => Settled::Held,
+    };
+    out.push(Action::Conflict(Conflict {
+        field: field.to_owned(),
+        local: local.cloned(),
+        remote: remote.cloned(),
+        base: base.cloned(),
+        settled,
+    }));
+    match settled {
+        Settled::Local => out.push(send(field, local)),
+        Settled::Remote => out.push(take(field, remote)),
+        Settled::Held => {}
+    }
+}
+
+fn take(field: &str, value: Option<&Value>) -> Action {
+    Action::Take {
+        field: field.to_owned(),
+        value: value.cloned(),
+    }
+}
+
+fn send(field: &str, value: Option<&Value>) -> Action {
+    Action::Push {
+        field: field.to_owned(),
+        value: value.cloned(),
     }
 }
 
