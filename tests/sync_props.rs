@@ -69,7 +69,7 @@ fn step() -> impl proptest::strategy::Strategy<Value = Step> {
     prop_oneof![
         4 => (place, 0..DEVICES.len(), 0..FIELDS.len())
             .prop_map(|(place, device, field)| Step::Edit { place, device, field }),
-        3 => (ok.clone(), ok.clone(), ok.clone(), ok).prop_map(|(a, b, c, d)| Step::Sync {
+        3 => (ok, ok, ok, ok).prop_map(|(a, b, c, d)| Step::Sync {
             golioth_read: a, netneural_read: b, golioth_write: c, netneural_write: d
         }),
         1 => (0u8..3).prop_map(Step::Resolve),
@@ -317,14 +317,13 @@ async fn scenario(strategy: Merge, steps: Vec<Step>) -> Result<(), TestCaseError
         .map(|c| (c.device.clone(), c.field.clone()))
         .collect();
     let mut finals: BTreeMap<(usize, &str), [Option<Value>; 3]> = BTreeMap::new();
-    for device in 0..DEVICES.len() {
+    for (device, key) in DEVICES.iter().enumerate() {
         for field in FIELDS {
             let v = values(&w, device, field);
-            if !held.contains(&(DEVICES[device].to_owned(), field.to_owned())) {
+            if !held.contains(&((*key).to_owned(), field.to_owned())) {
                 prop_assert!(
                     v[0] == v[1] && v[1] == v[2],
-                    "{} {field}: local {:?}, golioth {:?}, netneural {:?}",
-                    DEVICES[device],
+                    "{key} {field}: local {:?}, golioth {:?}, netneural {:?}",
                     v[0],
                     v[1],
                     v[2]
