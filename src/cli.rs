@@ -402,10 +402,12 @@ pub fn set_desired(
         return Err(DeviceCommandError::Unknown(key.to_string()));
     }
     let stored = db.set_desired(&key, &doc, Origin::Local)?;
-    Ok(format!(
+    let mut out = format!(
         "desired state of {} is now version {}: {}\n",
         stored.device, stored.version, stored.doc
-    ))
+    );
+    out.push_str(&sync::nudge(path));
+    Ok(out)
 }
 
 /// Opens an existing database for an operator's write (never creates one).

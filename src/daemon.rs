@@ -5,8 +5,9 @@
 //!
 //! Start-up is a list of spawns, each part `X::spawn(config, links, &tracker)`: open the store
 //! (migrations) → CoAP on the bound socket → MQTT → one outbox lane per enabled cloud (and the
-//! SIGHUP key reloads) → the sync runs (reconciliation, sharing the lanes' keys) → the downlink → retention → READY=1 → the heartbeat (its first
-//! WATCHDOG=1 must follow READY=1). Then the daemon only waits for the shutdown token.
+//! SIGHUP key reloads) → SIGUSR1 and the sync runs (reconciliation, sharing the lanes' keys)
+//! → the downlink → retention → READY=1 → the heartbeat (its first WATCHDOG=1 must follow
+//! READY=1). Then the daemon only waits for the shutdown token.
 //! Shutdown (the token fires, e.g. on SIGTERM): STOPPING=1 → CoAP stops reading, MQTT stops
 //! storing and acknowledges what is committed, the lanes abandon their sends in the air (the
 //! rows stay in flight and are pending again at the next start; telemetry resends its batch,
@@ -249,19 +250,37 @@ pub async fn run_reloadable(
 
     let keys = spawn_lanes(&config, &store, &health, &shutdown, &tracker).await?;
     let key_of = |t: Target| keys.iter().find(|k| k.target == t).map(|k| k.key.clone());
-    if let Some(syncer) = crate::cloud::sync::syncer(
+    let syncer = crate::cloud::sync::syncer(
         &config,
         store.clone(),
         key_of(Target::Golioth),
         key_of(Target::NetNeural),
-    )? {
+    )?;
+    let sync_now = Arc::new(Notify::new());
+    // SIGUSR1 (`nn-gateway sync now`, `conflicts resolve`, `desired set`) is always caught,
+    // sync or not: its default action would end the daemon.
+    // Registered here, before READY, not in the task: a signal that came before the task
+    // first ran would otherwise still meet the default action.
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()) {
+        Ok(usr1) => {
+            tracker.spawn(sync_signal(
+                usr1,
+                syncer.is_some().then(|| sync_now.clone()),
+                shutdown.clone(),
+            ));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGUSR1; `sync now` will not reach the daemon");
+        }
+    }
+    if let Some(syncer) = syncer {
         crate::cloud::sync::spawn(
             syncer,
             config.sync.interval,
             config.sync.log_retention,
             crate::cloud::sync::SyncLinks {
                 store: store.clone(),
-                now: Arc::new(Notify::new()),
+                now: sync_now,
                 shutdown: shutdown.clone(),
             },
             &tracker,
@@ -318,6 +337,31 @@ pub async fn run_reloadable(
     store.close().await;
     tracing::info!("store closed; bye");
     Ok(())
+}
+
+/// Rings `now` on every SIGUSR1 until shutdown (`None`: sync is off, which is logged).
+async fn sync_signal(
+    mut usr1: tokio::signal::unix::Signal,
+    now: Option<Arc<Notify>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            got = usr1.recv() => {
+                if got.is_none() {
+                    return;
+                }
+                match &now {
+                    Some(now) => {
+                        tracing::info!("SIGUSR1: sync now");
+                        now.notify_one();
+                    }
+                    None => tracing::info!("SIGUSR1: sync is off (no cloud enabled, or sync.enabled = false)"),
+                }
+            }
+        }
+    }
 }
 
 async fn open_store(config: &Config) -> Result<Store, StoreError> {

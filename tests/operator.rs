@@ -391,3 +391,55 @@ fn telemetry_shows_a_devices_points_newest_first_since_a_time_and_limited() {
     let unknown = gateway(&["telemetry", "meter-2"], &env);
     assert!(!unknown.status.success() && text(&unknown).contains("no device meter-2"));
 }
+
+#[test]
+fn sync_now_reaches_a_daemon_without_clouds_and_leaves_it_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("gateway.db");
+    let env = [
+        ("NNGW_STORAGE__PATH", db.to_str().unwrap()),
+        ("NNGW_MQTT__PORT", "1"),
+        ("NNGW_COAP__BIND", "127.0.0.1:0"),
+    ];
+    let mut daemon = support::KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_nn-gateway"))
+            .arg("run")
+            .envs(env)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // Its first heartbeat comes after READY, when SIGUSR1 is long caught.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = gateway(&["status", "--json"], &env);
+        let beat: Option<Value> = serde_json::from_slice(&status.stdout).ok();
+        if beat.is_some_and(|s| s["daemon"]["pid"].is_number()) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no heartbeat");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = gateway(&["sync", "now", "--wait", "1s"], &env);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("asked the daemon (pid {})", daemon.0.id())),
+        "{}",
+        text(&out)
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        daemon.0.try_wait().unwrap().is_none(),
+        "SIGUSR1 ended the daemon"
+    );
+    daemon.kill();
+    // Without a daemon, it says so instead of signalling anything.
+    let out = gateway(&["sync", "now"], &env);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("no daemon is running"),
+        "{}",
+        text(&out)
+    );
+}

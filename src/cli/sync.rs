@@ -144,7 +144,7 @@ fn whoami() -> String {
 }
 
 /// Asks the running daemon to sync now (SIGUSR1); says what happened.
-fn nudge(path: &Path) -> String {
+pub(super) fn nudge(path: &Path) -> String {
     match signal_daemon(path) {
         Ok(pid) => format!("asked the daemon (pid {pid}) to sync now\n"),
         Err(why) => format!("{why}; the next scheduled sync run carries it\n"),

@@ -142,7 +142,8 @@ impl Syncer {
 /// What the sync task is connected to.
 pub struct SyncLinks {
     pub store: Store,
-    /// Rung to start a run at once (`nn-gateway sync now` through SIGUSR1).
+    /// Rung to start a run at once (`nn-gateway sync now` through SIGUSR1, see
+    /// [`crate::daemon`]).
     pub now: Arc<Notify>,
     pub shutdown: CancellationToken,
 }
@@ -188,8 +189,8 @@ pub fn syncer(
     )))
 }
 
-/// Starts the sync task: a run at once, then every interval (with jitter), on `links.now`,
-/// and on the retry backoff after a failed one. Also listens for SIGUSR1.
+/// Starts the sync task: a run at once, then every interval (with jitter), on `links.now`
+/// (the daemon rings it on SIGUSR1), and on the retry backoff after a failed one.
 pub fn spawn(
     syncer: Syncer,
     interval: Duration,
@@ -197,25 +198,6 @@ pub fn spawn(
     links: SyncLinks,
     tracker: &TaskTracker,
 ) {
-    let now = links.now.clone();
-    let shutdown = links.shutdown.clone();
-    tracker.spawn(async move {
-        let Ok(mut usr1) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
-        else {
-            return;
-        };
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                got = usr1.recv() => {
-                    if got.is_none() { return }
-                    tracing::info!("SIGUSR1: sync now");
-                    now.notify_one();
-                }
-            }
-        }
-    });
     let span = tracing::info_span!("sync");
     tracker.spawn(
         async move {
