@@ -12,6 +12,26 @@ use crate::model::{DeviceKey, Origin};
 use crate::store::{Db, OpenOptions, Status, StoreError};
 pub use sync::{ConflictCommandError, conflict, conflicts, resolve, sync_log, sync_now};
 
+/// Where the shipped unit keeps the daemon's state (`StateDirectory=nn-gateway`).
+pub const STATE_DIRECTORIES: &[&str] = &["/var/lib/nn-gateway"];
+
+/// The database an operator command opens. The daemon resolves a relative `storage.path`
+/// against systemd's `$STATE_DIRECTORY` (already applied to `configured` when it is set) or
+/// else its working directory; an operator's shell has neither the unit's environment nor,
+/// usually, its directory. So a relative path that names no file here is looked for in the
+/// unit's state directories, and the first one holding it is used. Otherwise the path stays
+/// as it is (and commands that need the file say it is missing: none creates one).
+pub fn locate_database(configured: &Path, state_dirs: &[&str]) -> std::path::PathBuf {
+    if configured.is_absolute() || configured.exists() {
+        return configured.to_owned();
+    }
+    state_dirs
+        .iter()
+        .map(|d| Path::new(d).join(configured))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| configured.to_owned())
+}
+
 /// Human-readable byte count.
 fn bytes(n: u64) -> String {
     const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
@@ -415,7 +435,10 @@ fn open_writable(path: &Path) -> Result<Db, StoreError> {
     if !path.is_file() {
         return Err(StoreError::Open {
             path: path.to_owned(),
-            reason: "no database here yet; start the daemon (nn-gateway run) first, or check [storage] path".into(),
+            reason: format!(
+                "no database here (nor in {}); start the daemon (nn-gateway run) first, or give the daemon's config with -c, or an absolute [storage] path",
+                STATE_DIRECTORIES.join(", ")
+            ),
         });
     }
     Db::open(
@@ -439,6 +462,22 @@ fn to_json<T: serde::Serialize>(v: &T) -> String {
 mod tests {
     use super::*;
     use crate::model::UnixMillis;
+
+    #[test]
+    fn a_relative_database_path_is_found_in_the_units_state_directory() {
+        let here = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let rel = Path::new("data/gateway.db");
+        let dirs = [state.path().to_str().unwrap()];
+        // Nowhere yet: the path as configured (the command then says it is missing).
+        assert_eq!(locate_database(rel, &dirs), rel);
+        std::fs::create_dir_all(state.path().join("data")).unwrap();
+        std::fs::write(state.path().join(rel), b"").unwrap();
+        assert_eq!(locate_database(rel, &dirs), state.path().join(rel));
+        // An absolute path is taken as it is.
+        let abs = here.path().join("x.db");
+        assert_eq!(locate_database(&abs, &dirs), abs);
+    }
 
     #[test]
     fn since_takes_a_duration_back_from_now_or_an_rfc3339_time() {

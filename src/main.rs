@@ -222,7 +222,8 @@ fn source(args: &Args) -> Source {
 fn real_main(args: Args) -> anyhow::Result<()> {
     let source = source(&args);
     let config = Config::load(&source)?;
-    let db = config.storage.path.clone();
+    // Operator commands look for the daemon's database where the daemon would have put it.
+    let db = cli::locate_database(&config.storage.path, cli::STATE_DIRECTORIES);
     let out = match args.command {
         Command::Run => return run_daemon(config, source),
         Command::CheckConfig => {

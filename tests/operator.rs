@@ -283,7 +283,7 @@ fn desired_set_refuses_an_unknown_device_without_create_and_never_makes_a_databa
     let out = gateway(&["desired", "set", "lamp-1", r#"{"on":true}"#], &db_env);
     assert!(!out.status.success(), "{}", text(&out));
     assert!(
-        text(&out).contains("no database here yet"),
+        text(&out).contains("no database here"),
         "{}",
         text(&out)
     );
