@@ -170,10 +170,24 @@ impl CloudError {
     pub fn retry_after(&self) -> Option<Duration> {
         self.retry_after
     }
-}
 
-impl fmt::Display for CloudError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    /// The error as one step of a sync run sees it: what failed, then that the next run tries
+    /// again (whatever the outbox would do with it), or, for a refused key, what to check.
+    pub fn for_sync(&self) -> String {
+        struct What<'a>(&'a CloudError);
+        impl fmt::Display for What<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt_failure(f)
+            }
+        }
+        if self.is_auth() {
+            format!("{}; check the API key", What(self))
+        } else {
+            format!("{}; the next sync run tries again", What(self))
+        }
+    }
+
+    fn fmt_failure(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}: ", self.target.as_str(), self.request)?;
         match &self.failure {
             Failure::Transport { timeout: true, .. } => f.write_str("no response in time")?,
@@ -198,6 +212,13 @@ impl fmt::Display for CloudError {
             }
             Failure::Contended { detail } => write!(f, "lost to concurrent writers: {detail}")?,
         }
+        Ok(())
+    }
+}
+
+impl fmt::Display for CloudError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.fmt_failure(f)?;
         if self.is_auth() {
             f.write_str("; check the API key (the lane pauses until it works)")
         } else if self.is_retryable() {
@@ -271,16 +292,28 @@ pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Dura
     let after = if let Ok(secs) = value.parse::<u64>() {
         Duration::from_secs(secs)
     } else {
-        let format = time::macros::format_description!(
-            "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
-        );
-        let at = time::PrimitiveDateTime::parse(value, &format)
-            .ok()?
-            .assume_utc();
-        let at = std::time::SystemTime::from(at);
+        let at = std::time::SystemTime::from(http_date(value)?);
         at.duration_since(now).unwrap_or(Duration::ZERO)
     };
     Some(after.min(MAX_RETRY_AFTER))
+}
+
+/// An HTTP date (`Sun, 06 Nov 1994 08:49:37 GMT`, RFC 9110 §5.6.7).
+fn http_date(value: &str) -> Option<time::OffsetDateTime> {
+    let format = time::macros::format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    Some(
+        time::PrimitiveDateTime::parse(value.trim(), &format)
+            .ok()?
+            .assume_utc(),
+    )
+}
+
+/// The server's clock when it answered (its `Date` header), if it sent a readable one.
+pub fn server_date_of(headers: &reqwest::header::HeaderMap) -> Option<UnixMillis> {
+    let at = http_date(headers.get(reqwest::header::DATE)?.to_str().ok()?)?;
+    Some(UnixMillis((at.unix_timestamp_nanos() / 1_000_000) as i64))
 }
 
 /// `Retry-After` of a response, if it has a readable one.
@@ -304,12 +337,25 @@ pub(crate) async fn send(
     builder: reqwest::RequestBuilder,
     error_body: ErrorBody,
 ) -> Result<Vec<u8>, CloudError> {
+    send_dated(target, request, builder, error_body)
+        .await
+        .map(|(body, _)| body)
+}
+
+/// [`send`], also returning the server's clock when it answered ([`server_date_of`]).
+pub(crate) async fn send_dated(
+    target: Target,
+    request: &str,
+    builder: reqwest::RequestBuilder,
+    error_body: ErrorBody,
+) -> Result<(Vec<u8>, Option<UnixMillis>), CloudError> {
     let response = builder
         .send()
         .await
         .map_err(|e| CloudError::transport(target, request, &e))?;
     let status = response.status().as_u16();
     let retry_after = retry_after_of(response.headers());
+    let date = server_date_of(response.headers());
     let body = response
         .bytes()
         .await
@@ -324,7 +370,7 @@ pub(crate) async fn send(
             error_body,
         ));
     }
-    Ok(body.to_vec())
+    Ok((body.to_vec(), date))
 }
 
 /// Parses a 2xx body into a wire type; a mismatch is a [`Failure::Decode`].

@@ -132,6 +132,8 @@ impl NetNeural {
     /// The first failed page; nothing partial is returned. A full page whose last row has
     /// no id, or whose last id does not sort after the previous page's, is a decode error
     /// (the server ignored the keyset, and the pull would never end).
+    /// Also returns the server's clock when it answered the first page (its `Date`), the
+    /// lower bound of every change the pages may have missed.
     async fn keyset_pages<W: serde::de::DeserializeOwned>(
         &self,
         name: &str,
@@ -139,11 +141,12 @@ impl NetNeural {
         filters: &[(&str, &str)],
         page_size: usize,
         id_of: fn(&W) -> Option<&str>,
-    ) -> Result<Vec<W>, CloudError> {
+    ) -> Result<(Vec<W>, Option<UnixMillis>), CloudError> {
         let page_size = page_size.clamp(1, MAX_PAGE_SIZE);
         let limit = page_size.to_string();
         let mut out: Vec<W> = Vec::new();
         let mut after: Option<String> = None;
+        let mut first_date: Option<Option<UnixMillis>> = None;
         loop {
             let after_filter = after.as_deref().map(gt);
             let mut query = filters.to_vec();
@@ -153,12 +156,14 @@ impl NetNeural {
                 query.push(("id", f));
             }
             let rb = self.request(Method::GET, name, table, &query)?;
-            let rows: Vec<W> = self.rows(name, rb).await?;
+            let (body, date) = cloud::send_dated(T, name, rb, mapping::error_body).await?;
+            let first_date = *first_date.get_or_insert(date);
+            let rows: Vec<W> = cloud::decode(T, name, &body)?;
             let full = rows.len() >= page_size;
             let last = rows.last().map(|r| id_of(r).map(str::to_owned));
             out.extend(rows);
             if !full {
-                return Ok(out);
+                return Ok((out, first_date));
             }
             let last = last.flatten().ok_or_else(|| {
                 CloudError::decode(T, name, "a row of a full page has no id to page by")

@@ -57,6 +57,14 @@ impl DeviceStatus {
     }
 }
 
+/// Rows of an incremental read, and the server's clock when it answered its first page
+/// (`None` without a readable `Date` header).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Changed<T> {
+    pub rows: Vec<T>,
+    pub server_time: Option<UnixMillis>,
+}
+
 /// A device as the NetNeural backend holds it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RemoteDevice {

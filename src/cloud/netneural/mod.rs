@@ -22,7 +22,7 @@ pub mod wire;
 
 pub use client::{MAX_PAGE_SIZE, METADATA_ATTEMPTS, NetNeural};
 pub use mapping::{
-    Assignment, ConflictStatus, ConflictStrategy, DeviceId, DeviceStatus, DeviceUpdate,
+    Assignment, Changed, ConflictStatus, ConflictStrategy, DeviceId, DeviceStatus, DeviceUpdate,
     METADATA_DESIRED, METADATA_REPORTED, NewConflict, NewDevice, RemoteConflict, RemoteDevice,
     SyncDirection, SyncLogEntry, SyncLogStatus, SyncOperation, TelemetryRow, is_legacy_jwt,
 };

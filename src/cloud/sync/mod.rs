@@ -220,7 +220,7 @@ pub fn spawn(
                         !r.errors.is_empty()
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "sync run not committed (will be retried)");
+                        tracing::warn!(error = %e, "sync run not committed (the next one tries again)");
                         true
                     }
                 };

@@ -8,12 +8,16 @@
 //! `updated_at`: a row another writer changed since the read is not overwritten (the push
 //! counts as failed, and the next run reads the row again).
 //!
-//! **Cursor.** The newest `updated_at` seen (the server's own clock, so the gateway's clock
-//! never enters), moved back by as long as the read took: pages are keyed by id, so a row
-//! updated during the read on a page already read is missed by it, and its new `updated_at`
-//! may be older than a row read later. The next read asks for rows with `updated_at >=` the
-//! cursor minus [`OVERLAP`], which also covers transactions that commit late with an earlier
-//! timestamp. Reading a row twice is harmless (it merges to nothing); missing one is not.
+//! **Cursor.** The server's own clock when it answered the read's first page (its `Date`
+//! header; the gateway's clock never enters): pages are keyed by id, so a row updated during
+//! the read on a page already read is missed by it, but its new `updated_at` is later than
+//! that. The next read asks for rows with `updated_at >=` the cursor minus [`OVERLAP`], which
+//! also covers transactions that commit late with an earlier timestamp. So each read sees the
+//! changes of about one interval plus two minutes, however many rows a burst once wrote (a
+//! cursor taken from the rows read would stay at the burst, and every read would read it
+//! again). Without a `Date` header the cursor is the newest row read, moved back by as long
+//! as the read took. Reading a row twice is harmless (it merges to nothing); missing one is
+//! not.
 
 use std::time::Duration;
 
@@ -59,13 +63,30 @@ fn since(cursor: Option<&String>) -> Option<String> {
     Some(UnixMillis(t.0 - OVERLAP.as_millis() as i64).to_rfc3339())
 }
 
-fn newest(current: Option<String>, seen: Option<&String>) -> Option<String> {
-    match (current, seen) {
-        (Some(c), Some(s)) => {
-            let (ct, st) = (parse_rfc3339(&c), parse_rfc3339(s));
-            Some(if st > ct { s.clone() } else { c })
-        }
-        (c, s) => c.or_else(|| s.cloned()),
+/// The next cursor of a read that started from `old`: the server's clock when it answered
+/// the first page (every change the read may have missed is later than that), or, from a
+/// server that sends no `Date`, the newest row read moved back by as long as the read took.
+/// Never behind `old`.
+fn advance<'a>(
+    old: &Option<String>,
+    seen: impl Iterator<Item = Option<&'a String>>,
+    server_time: Option<UnixMillis>,
+    took: Duration,
+) -> Option<String> {
+    let old_t = old.as_deref().and_then(parse_rfc3339);
+    let new_t = match server_time {
+        // `Date` has whole seconds (truncated): it is not later than the answer.
+        Some(t) => Some(t),
+        None => seen
+            .flatten()
+            .filter_map(|v| parse_rfc3339(v))
+            .max()
+            .map(|t| UnixMillis(t.0 - took.as_millis() as i64)),
+    };
+    match (old_t, new_t) {
+        (Some(o), Some(n)) if n <= o => old.clone(),
+        (_, Some(n)) => Some(n.to_rfc3339()),
+        (_, None) => old.clone(),
     }
 }
 
@@ -105,38 +126,30 @@ impl NetNeuralSpoke {
         let started = std::time::Instant::now();
         let devices = self
             .client
-            .devices_changed_since(since(cursors.devices.as_ref()).as_deref(), PAGE)
+            .devices_changed(since(cursors.devices.as_ref()).as_deref(), PAGE)
             .await?;
         let assignments = self
             .client
-            .assignments_changed_since(since(cursors.assignments.as_ref()).as_deref(), PAGE)
+            .assignments_changed(since(cursors.assignments.as_ref()).as_deref(), PAGE)
             .await?;
-        let mut device_cursor = cursors.devices.clone();
-        for d in &devices {
-            device_cursor = newest(device_cursor, d.version.as_ref());
-        }
-        let mut assignment_cursor = cursors.assignments.clone();
-        let mut directions = Vec::with_capacity(assignments.len());
-        for (a, at) in assignments {
-            assignment_cursor = newest(assignment_cursor, at.as_ref());
-            directions.push((a.device_id.0, direction_word(a.direction)));
-        }
-        // Moved back by the read's duration only when it saw something newer (else a cursor
-        // would drift back a little every run), and never behind where it was.
-        let took = started.elapsed().as_millis() as i64;
-        let back = |new: Option<String>, old: &Option<String>| {
-            if new == *old {
-                return new;
-            }
-            let t = parse_rfc3339(new.as_ref()?)?.0 - took;
-            let floor = old
-                .as_deref()
-                .and_then(parse_rfc3339)
-                .map_or(i64::MIN, |o| o.0);
-            Some(UnixMillis(t.max(floor)).to_rfc3339())
-        };
-        let device_cursor = back(device_cursor, &cursors.devices);
-        let assignment_cursor = back(assignment_cursor, &cursors.assignments);
+        let took = started.elapsed();
+        let device_cursor = advance(
+            &cursors.devices,
+            devices.rows.iter().map(|d| d.version.as_ref()),
+            devices.server_time,
+            took,
+        );
+        let assignment_cursor = advance(
+            &cursors.assignments,
+            assignments.rows.iter().map(|(_, at)| at.as_ref()),
+            assignments.server_time,
+            took,
+        );
+        let directions = assignments
+            .rows
+            .into_iter()
+            .map(|(a, _)| (a.device_id.0, direction_word(a.direction)))
+            .collect();
         let mut new_cursors = Vec::new();
         if let Some(c) = device_cursor {
             new_cursors.push((DEVICES_CURSOR, c));
@@ -146,7 +159,7 @@ impl NetNeuralSpoke {
         }
         Ok(Pull {
             target: Some(Target::NetNeural),
-            docs: devices.iter().map(doc_of).collect(),
+            docs: devices.rows.iter().map(doc_of).collect(),
             complete: false,
             cursors: new_cursors,
             directions,
@@ -236,5 +249,52 @@ impl NetNeuralSpoke {
         self.client
             .resolve_conflict(id, status, strategy, value, by)
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(raw: &str) -> UnixMillis {
+        parse_rfc3339(raw).unwrap()
+    }
+
+    #[test]
+    fn the_cursor_is_the_servers_clock_at_the_first_page_never_going_back() {
+        let old = Some("2026-12-03T10:00:00.000Z".to_owned());
+        let burst = "2026-12-03T10:00:00.500000+00:00".to_owned();
+        // A read long after a burst moves the cursor to the server's clock, not the burst's.
+        let next = advance(
+            &old,
+            [Some(&burst)].into_iter(),
+            Some(t("2026-12-03T11:00:00Z")),
+            Duration::from_millis(300),
+        );
+        assert_eq!(next.as_deref().map(t), Some(t("2026-12-03T11:00:00Z")));
+        // Never back, even if the server's clock is behind the old cursor.
+        let back = advance(
+            &old,
+            std::iter::empty(),
+            Some(t("2026-12-03T09:00:00Z")),
+            Duration::ZERO,
+        );
+        assert_eq!(back, old);
+        // Without a Date: the newest row read, moved back by the read's duration.
+        let dateless = advance(
+            &old,
+            [Some(&burst), None].into_iter(),
+            None,
+            Duration::from_millis(300),
+        );
+        assert_eq!(
+            dateless.as_deref().map(t),
+            Some(t("2026-12-03T10:00:00.200Z"))
+        );
+        // The next read starts OVERLAP before the cursor.
+        assert_eq!(
+            since(Some(&"2026-12-03T11:00:00Z".to_owned())).as_deref().map(t),
+            Some(t("2026-12-03T10:58:00Z"))
+        );
     }
 }

@@ -37,7 +37,7 @@ pub(super) async fn apply_remote_resolutions(
     let remote = match nn.conflicts(&ids).await {
         Ok(r) => r,
         Err(e) => {
-            report.errors.push(format!("{e} (will be retried)"));
+            report.errors.push(e.for_sync());
             return Ok(());
         }
     };
@@ -105,7 +105,7 @@ pub(super) async fn tell_netneural(
     run: &RunReport,
 ) {
     if let Err(e) = report_conflicts(store, nn, devices).await {
-        tracing::warn!(error = %e, "conflicts not written to NetNeural (will be retried)");
+        tracing::warn!(error = %e, "conflicts not written to NetNeural (the next sync run tries again)");
     }
     if run.is_quiet() {
         return;

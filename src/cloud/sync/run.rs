@@ -108,7 +108,7 @@ impl Syncer {
         for pulled in [g, n].into_iter().flatten() {
             match pulled {
                 Ok(p) => pulls.push(p),
-                Err(e) => report.errors.push(format!("{e} (will be retried)")),
+                Err(e) => report.errors.push(e.for_sync()),
             }
         }
         Ok(pulls)
@@ -294,7 +294,7 @@ impl Syncer {
                 }
                 Err(e) => {
                     report.push_failed += 1;
-                    ("failed", Some(format!("{e} (will be retried)")))
+                    ("failed", Some(e.for_sync()))
                 }
             };
             if let Some(e) = &error {

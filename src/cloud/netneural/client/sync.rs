@@ -5,6 +5,7 @@ use reqwest::Method;
 use serde_json::{Map, Value};
 
 use super::*;
+use crate::cloud::netneural::Changed;
 
 impl NetNeural {
     /// Every device of the organization changed at or after `since` (`updated_at=gte.`;
@@ -25,6 +26,19 @@ impl NetNeural {
         since: Option<&str>,
         page_size: usize,
     ) -> Result<Vec<RemoteDevice>, CloudError> {
+        Ok(self.devices_changed(since, page_size).await?.rows)
+    }
+
+    /// [`NetNeural::devices_changed_since`], with the server's clock when it answered the
+    /// first page: every change the pull missed is later than that, whatever it read.
+    ///
+    /// # Errors
+    /// As [`NetNeural::devices_changed_since`].
+    pub async fn devices_changed(
+        &self,
+        since: Option<&str>,
+        page_size: usize,
+    ) -> Result<Changed<RemoteDevice>, CloudError> {
         let org = eq(&self.organization_id);
         let since = since.map(gte);
         let mut filters = vec![
@@ -34,7 +48,7 @@ impl NetNeural {
         if let Some(s) = &since {
             filters.push(("updated_at", s.as_str()));
         }
-        let rows: Vec<wire::Device> = self
+        let (rows, server_time) = self
             .keyset_pages(
                 GET_DEVICES,
                 "devices",
@@ -43,7 +57,10 @@ impl NetNeural {
                 |d: &wire::Device| Some(d.id.as_str()),
             )
             .await?;
-        Ok(rows.into_iter().map(RemoteDevice::from).collect())
+        Ok(Changed {
+            rows: rows.into_iter().map(RemoteDevice::from).collect(),
+            server_time,
+        })
     }
 
     /// Writes what a sync settled for one device in one PATCH: `name` (when `Some`) and the
@@ -108,6 +125,19 @@ impl NetNeural {
         since: Option<&str>,
         page_size: usize,
     ) -> Result<Vec<(Assignment, Option<String>)>, CloudError> {
+        Ok(self.assignments_changed(since, page_size).await?.rows)
+    }
+
+    /// [`NetNeural::assignments_changed_since`], with the server's clock when it answered the
+    /// first page.
+    ///
+    /// # Errors
+    /// As [`NetNeural::assignments_changed_since`].
+    pub async fn assignments_changed(
+        &self,
+        since: Option<&str>,
+        page_size: usize,
+    ) -> Result<Changed<(Assignment, Option<String>)>, CloudError> {
         let integration = eq(&self.integration_id);
         let since = since.map(gte);
         let mut filters = vec![
@@ -117,7 +147,7 @@ impl NetNeural {
         if let Some(s) = &since {
             filters.push(("updated_at", s.as_str()));
         }
-        let rows: Vec<wire::Assignment> = self
+        let (rows, server_time) = self
             .keyset_pages(
                 GET_ASSIGNMENTS,
                 "device_service_assignments",
@@ -126,13 +156,14 @@ impl NetNeural {
                 |a: &wire::Assignment| a.id.as_deref(),
             )
             .await?;
-        Ok(rows
+        let rows = rows
             .into_iter()
-            .map(|a| {
+            .map(|a: wire::Assignment| {
                 let version = a.updated_at.clone();
                 (Assignment::from(a), version)
             })
-            .collect())
+            .collect();
+        Ok(Changed { rows, server_time })
     }
 
     /// Records conflicts in `device_conflicts` in one insert (`conflict_type` is
