@@ -282,11 +282,7 @@ fn desired_set_refuses_an_unknown_device_without_create_and_never_makes_a_databa
     // No database yet (the daemon never ran here): refused, and none is created.
     let out = gateway(&["desired", "set", "lamp-1", r#"{"on":true}"#], &db_env);
     assert!(!out.status.success(), "{}", text(&out));
-    assert!(
-        text(&out).contains("no database here"),
-        "{}",
-        text(&out)
-    );
+    assert!(text(&out).contains("no database here"), "{}", text(&out));
     assert!(!db.exists(), "an operator command created a database");
 
     // A database that knows one device.

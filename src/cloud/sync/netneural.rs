@@ -293,7 +293,9 @@ mod tests {
         );
         // The next read starts OVERLAP before the cursor.
         assert_eq!(
-            since(Some(&"2026-12-03T11:00:00Z".to_owned())).as_deref().map(t),
+            since(Some(&"2026-12-03T11:00:00Z".to_owned()))
+                .as_deref()
+                .map(t),
             Some(t("2026-12-03T10:58:00Z"))
         );
     }

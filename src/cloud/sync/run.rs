@@ -122,7 +122,8 @@ impl Syncer {
         report: &mut RunReport,
     ) -> Result<(Vec<SyncDevice>, Vec<(Target, link::Linked)>), StoreError> {
         let devices = self.store.call(|db| db.sync_devices()).await?;
-        let linked = self.link_all(&devices, pulls);
+        let mut linked = self.link_all(&devices, pulls);
+        self.confirm_removals(&devices, &mut linked).await;
         let imports: Vec<link::Import> =
             linked.iter().flat_map(|(_, l)| l.imports.clone()).collect();
         if imports.is_empty() {
@@ -138,8 +139,43 @@ impl Syncer {
             })
             .await?;
         let devices = self.store.call(|db| db.sync_devices()).await?;
-        let linked = self.link_all(&devices, pulls);
+        let mut linked = self.link_all(&devices, pulls);
+        self.confirm_removals(&devices, &mut linked).await;
         Ok((devices, linked))
+    }
+
+    /// A device newly missing from Golioth's list is asked for by id before it is marked
+    /// removed: a device created or deleted while the pages were read shifts the pages, and
+    /// can hide another one from the list. One still there (or not known either way, on an
+    /// error) sits this run out unmarked.
+    async fn confirm_removals(
+        &self,
+        devices: &[SyncDevice],
+        linked: &mut [(Target, link::Linked)],
+    ) {
+        let Some(golioth) = &self.golioth else { return };
+        for (target, l) in linked.iter_mut() {
+            if *target != Target::Golioth {
+                continue;
+            }
+            let candidates: Vec<usize> = l
+                .seen
+                .iter()
+                .filter(|(i, s)| {
+                    s.removed && s.doc.is_none() && devices[**i].golioth_removed_at.is_none()
+                })
+                .map(|(i, _)| *i)
+                .collect();
+            for i in candidates {
+                let Some(id) = devices[i].golioth_id.as_deref() else {
+                    continue;
+                };
+                let id = crate::cloud::golioth::DeviceId(id.to_owned());
+                if !matches!(golioth.client.device(&id).await, Ok(None)) {
+                    l.seen.remove(&i);
+                }
+            }
+        }
     }
 
     /// One device's merge over the clouds that sent (or, NetNeural, once sent) its
