@@ -12,6 +12,7 @@
 //! - [`codec`]: JSON and CBOR payloads to and from JSON values; the only CBOR user.
 //! - [`ingest`]: checks every transport shares — state patches, telemetry points, RFC 7386 merge.
 //! - [`backoff`]: exponential backoff with full jitter, used by every retry loop.
+//! - [`reconcile`]: the three-way merge of a device's document between the mirror and the clouds.
 //! - [`outbox::policy`]: what a failed send means for its row (retry at T, dead) and its lane
 //!   (offline, backing off, auth failed).
 //! - [`config::topics`]: MQTT topic templates, parsed as the configuration is read.
