@@ -40,12 +40,14 @@
 //! project for each page it answers (`tests/fakes/golioth/project.rs`, `list_devices`), so
 //! its list costs O(devices²/100); the fake NetNeural's row updates are O(rows) each.
 //!
-//! **NetNeural's overlap.** An incremental read starts `OVERLAP` (120 s, in
-//! `src/cloud/sync/netneural.rs`) before its cursor, so for two minutes after the set-up
-//! inserted every NetNeural row, each run reads every row again (merging to nothing). That is
-//! what the default measures: runs right after a mass write. `RECONCILE_SETTLE_S=125` waits
-//! the overlap out after the first run, to measure the steady state, where NetNeural sends
-//! only rows changed in the last two minutes.
+//! **NetNeural's overlap.** An incremental read asks for rows updated since `OVERLAP` (120 s,
+//! in `src/cloud/sync/netneural.rs`) before its cursor, and the cursor is the newest row seen:
+//! it moves only when a newer row comes. So after the set-up inserted every NetNeural row in
+//! one burst, each run reads every row again (merging to nothing) until a row changes more
+//! than 120 s after the burst. That is what the default measures: runs soon after a mass
+//! write. `RECONCILE_SETTLE_S=125` waits after the first run, so that the first measured run's
+//! edits move the cursor past the burst: that run still reads every row, and the later ones
+//! only the rows changed in the 120 s before the newest change (the steady state).
 
 #[path = "../tests/fakes/mod.rs"]
 mod fakes;
