@@ -25,6 +25,9 @@ const T: Target = Target::Golioth;
 /// Items per list page: Golioth's maximum, so that a list costs the fewest requests.
 pub const PER_PAGE: i64 = 100;
 
+/// Pages of one list read at once, once the first page gave the total.
+const PAGES_AT_ONCE: usize = 4;
+
 /// Pages one list may take (a million devices) before the answer is taken as broken: a
 /// server whose `total` keeps growing must not loop a lane forever.
 const MAX_PAGES: i64 = 10_000;
@@ -103,26 +106,118 @@ impl Golioth {
 
     /// Every page of a list: pages are 0-based, and the last one is reached when
     /// `(page + 1) * perPage >= total` (or, without a `total`, at a short or empty page).
-    async fn list_all<W: serde::de::DeserializeOwned>(
+    async fn list_all<W: serde::de::DeserializeOwned + Send + 'static>(
         &self,
         name: &str,
         segments: &[&str],
         filters: &[(&str, &str)],
     ) -> Result<Vec<W>, CloudError> {
-        let per_page = PER_PAGE.to_string();
+        let first: wire::Page<W> = self.page(name, segments, filters, 0).await?;
+        let page_size = first.per_page.filter(|n| *n > 0).unwrap_or(PER_PAGE);
         let mut items = Vec::new();
-        let mut page: i64 = 0;
-        loop {
-            let page_text = page.to_string();
-            let mut query = filters.to_vec();
-            query.push(("page", &page_text));
-            query.push(("perPage", &per_page));
-            let rb = self.request(Method::GET, name, segments, &query)?;
-            let body = self.send(name, rb).await?;
-            let answer: wire::Page<W> = cloud::decode(T, name, &body)?;
-            let got = answer.list.len();
+        let got = first.list.len();
+        items.extend(first.list);
+        let Some(total) = first.total.filter(|_| got > 0) else {
+            return self
+                .pages_in_turn(name, segments, filters, 1, page_size, got, items)
+                .await;
+        };
+        // The total says how many pages there are: the rest are read PAGES_AT_ONCE at a time.
+        let pages = (total + page_size - 1) / page_size;
+        if pages > MAX_PAGES {
+            return Err(CloudError::decode(
+                T,
+                name,
+                format!("the list has {pages} pages, more than {MAX_PAGES}"),
+            ));
+        }
+        let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(PAGES_AT_ONCE));
+        let mut set = tokio::task::JoinSet::new();
+        let owned = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let (segs, name_owned) = (owned(segments), name.to_owned());
+        let filt: Vec<(String, String)> = filters
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        for page in 1..pages {
+            let (me, gate) = (self.clone(), gate.clone());
+            let (segs, filt, name) = (segs.clone(), filt.clone(), name_owned.clone());
+            set.spawn(async move {
+                let _permit = gate.acquire_owned().await;
+                let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
+                let filt: Vec<(&str, &str)> =
+                    filt.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                (page, me.page::<W>(&name, &segs, &filt, page).await)
+            });
+        }
+        let mut rest: Vec<(i64, wire::Page<W>)> = Vec::new();
+        while let Some(joined) = set.join_next().await {
+            let (page, answer) = joined
+                .map_err(|e| CloudError::request(T, name, format!("page task failed: {e}")))?;
+            rest.push((page, answer?));
+        }
+        rest.sort_by_key(|(p, _)| *p);
+        let mut last_total = total;
+        let mut last_got = got;
+        for (_, answer) in rest {
+            last_got = answer.list.len();
+            last_total = answer.total.unwrap_or(last_total);
             items.extend(answer.list);
-            let page_size = answer.per_page.filter(|n| *n > 0).unwrap_or(PER_PAGE);
+        }
+        // Devices created meanwhile: the list grew past the pages read; read on in turn.
+        if pages.saturating_mul(page_size) < last_total && last_got > 0 {
+            return self
+                .pages_in_turn(name, segments, filters, pages, page_size, last_got, items)
+                .await;
+        }
+        Ok(items)
+    }
+
+    /// One page of a list.
+    async fn page<W: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+        segments: &[&str],
+        filters: &[(&str, &str)],
+        page: i64,
+    ) -> Result<wire::Page<W>, CloudError> {
+        let (page_text, per_page) = (page.to_string(), PER_PAGE.to_string());
+        let mut query = filters.to_vec();
+        query.push(("page", &page_text));
+        query.push(("perPage", &per_page));
+        let rb = self.request(Method::GET, name, segments, &query)?;
+        let body = self.send(name, rb).await?;
+        cloud::decode(T, name, &body)
+    }
+
+    /// Pages from `page` on, one after the other, until one says it is the last (by its
+    /// total, or by coming back short when it has none).
+    #[allow(clippy::too_many_arguments)]
+    async fn pages_in_turn<W: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+        segments: &[&str],
+        filters: &[(&str, &str)],
+        mut page: i64,
+        mut page_size: i64,
+        mut got: usize,
+        mut items: Vec<W>,
+    ) -> Result<Vec<W>, CloudError> {
+        if got == 0 || (got as i64) < page_size {
+            return Ok(items);
+        }
+        loop {
+            if page >= MAX_PAGES {
+                return Err(CloudError::decode(
+                    T,
+                    name,
+                    format!("the list did not end within {MAX_PAGES} pages"),
+                ));
+            }
+            let answer: wire::Page<W> = self.page(name, segments, filters, page).await?;
+            got = answer.list.len();
+            items.extend(answer.list);
+            page_size = answer.per_page.filter(|n| *n > 0).unwrap_or(page_size);
             let last = got == 0
                 || match answer.total {
                     Some(total) => (page + 1).saturating_mul(page_size) >= total,
@@ -132,13 +227,6 @@ impl Golioth {
                 return Ok(items);
             }
             page += 1;
-            if page >= MAX_PAGES {
-                return Err(CloudError::decode(
-                    T,
-                    name,
-                    format!("the list did not end within {MAX_PAGES} pages"),
-                ));
-            }
         }
     }
 

@@ -472,7 +472,7 @@ impl Project {
                 .collect(),
             None => self.devices.iter().collect(),
         };
-        let items = found
+        let matched: Vec<&Device> = found
             .into_iter()
             .filter(|d| hardware_id.is_none_or(|h| d.hardware_ids.iter().any(|x| x == h)))
             .filter(|d| name.is_none_or(|n| d.name == n))
@@ -483,9 +483,16 @@ impl Project {
                     d.name.contains(t) || d.hardware_ids.iter().any(|h| h.contains(t))
                 })
             })
+            .collect();
+        // Only the page asked for is rendered: a full list costs pages × page, not pages × all.
+        let total = matched.len();
+        let list: Vec<Value> = matched
+            .into_iter()
+            .skip((page * per_page) as usize)
+            .take(per_page as usize)
             .map(|d| d.json(state_path.as_deref()))
             .collect();
-        Ok(list_envelope(items, page, per_page))
+        Ok(json!({"list": list, "page": page, "perPage": per_page, "total": total}))
     }
 
     pub(super) fn create_tag(&mut self, body: &Map<String, Value>) -> Result<&Tag, Failed> {

@@ -46,7 +46,15 @@ async fn a_list_walks_every_zero_based_page_with_its_filters() {
     let devices = client(&fake).list_devices(&filter).await.unwrap();
     assert_eq!(devices.len(), 250);
     assert_eq!(devices[249].state, Some(json!({"want": 249})));
-    let seen = fake.seen();
+    // Pages after the first are read at once, and put back in order.
+    assert!(
+        devices
+            .iter()
+            .enumerate()
+            .all(|(i, d)| d.id.0 == format!("d{i}"))
+    );
+    let mut seen = fake.seen();
+    seen.sort_by_key(|s| s.query("page").map(str::to_owned));
     assert_eq!(seen.len(), 3);
     for (i, s) in seen.iter().enumerate() {
         assert_eq!(
@@ -65,6 +73,29 @@ async fn a_list_walks_every_zero_based_page_with_its_filters() {
         assert_eq!(tags, ["t1", "t2"]);
         assert_eq!(s.header("x-api-key"), Some(KEY));
     }
+}
+
+#[tokio::test]
+async fn a_list_that_grows_while_it_is_read_is_read_to_its_new_end() {
+    // The first page says 150 devices; by the second, 250 (or the list would end at 200).
+    let fake = serve(|seen, _| {
+        let page: usize = seen.query("page").unwrap().parse().unwrap();
+        let total = if page == 0 { 150 } else { 250 };
+        let list: Vec<_> = (page * 100..(page * 100 + 100).min(total))
+            .map(|i| device(&format!("d{i}"), &format!("h{i}")))
+            .collect();
+        (
+            200,
+            json!({"list": list, "page": page, "perPage": 100, "total": total}).to_string(),
+        )
+    })
+    .await;
+    let devices = client(&fake)
+        .list_devices(&DeviceFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(devices.len(), 250);
+    assert_eq!(fake.seen().len(), 3);
 }
 
 #[tokio::test]
