@@ -14,13 +14,9 @@
 //! (pre-filled by SQL: links to both ids, the desired documents). A first run, without
 //! latency, establishes every base: it is timed and reported as **first**. It takes the
 //! clouds' names and `enabled` flag into the mirror and writes nothing to the clouds but its
-//! `integration_sync_log` row: NetNeural's metadata is seeded with Golioth's `enabled: true`,
-//! because the fake NetNeural copies its whole table on every PATCH (O(rows) under its lock,
-//! `tests/fakes/netneural/db.rs`), so the 10,000 PATCHes that would carry the flag there would
-//! take the fake several minutes. The same cost is in the measured runs' NetNeural PATCHes,
-//! so the changed line prints what one row update costs the fake itself (timed on the
-//! set-up's edits, which take the same path). Then every request of either fake waits
-//! `RECONCILE_LATENCY_MS`.
+//! `integration_sync_log` row (NetNeural's metadata is seeded with Golioth's `enabled: true`,
+//! so the first run does not also measure 10,000 PATCHes of the flag). Then every request of
+//! either fake waits `RECONCILE_LATENCY_MS`.
 //!
 //! Measured, `RECONCILE_RUNS` times, each on the converged state:
 //! - **changed**: 1% of the devices get a new desired document in Golioth (LightDB State) and
@@ -31,23 +27,20 @@
 //! Each prints its wall time, the requests each fake answered (reads and writes, and by
 //! kind), and the run's report (taken, pushed, conflicts); then a table of medians
 //! (min–max) over the runs. The two sizes show what the requests grow with: Golioth's list
-//! is every device in pages of 100; NetNeural is read incrementally from a cursor.
+//! is every device in pages of 100 (read four pages at a time after the first); NetNeural is
+//! read incrementally from a cursor.
 //!
 //! **Where the time goes.** After each quiet run the reads of a run are timed alone (both
 //! spokes' `pull`, at once as a run makes them), with the latency and without it, so that a
-//! run's time splits into the reads, the rest of the run, and what the fakes themselves cost.
-//! The fakes are not free at 10,000 devices: the fake Golioth renders every device of the
-//! project for each page it answers (`tests/fakes/golioth/project.rs`, `list_devices`), so
-//! its list costs O(devices²/100); the fake NetNeural's row updates are O(rows) each.
+//! run's time splits into the reads, the rest of the run, and what the fakes themselves cost
+//! (the changed line also prints the fake NetNeural's own cost of one row update).
 //!
 //! **NetNeural's overlap.** An incremental read asks for rows updated since `OVERLAP` (120 s,
-//! in `src/cloud/sync/netneural.rs`) before its cursor, and the cursor is the newest row seen:
-//! it moves only when a newer row comes. So after the set-up inserted every NetNeural row in
-//! one burst, each run reads every row again (merging to nothing) until a row changes more
-//! than 120 s after the burst. That is what the default measures: runs soon after a mass
-//! write. `RECONCILE_SETTLE_S=125` waits after the first run, so that the first measured run's
-//! edits move the cursor past the burst: that run still reads every row, and the later ones
-//! only the rows changed in the 120 s before the newest change (the steady state).
+//! in `src/cloud/sync/netneural.rs`) before its cursor, the server's clock at the previous
+//! read. The set-up inserts every NetNeural row seconds before the measured runs, so each of
+//! them reads every row again (merging to nothing): the default measures runs soon after a
+//! mass write. `RECONCILE_SETTLE_S=125` waits after the first run, so that the measured runs
+//! read only what changed in the last interval plus two minutes (the steady state).
 
 #[path = "../tests/fakes/mod.rs"]
 mod fakes;
