@@ -36,6 +36,9 @@ use crate::store::sync::RemoteCopy;
 /// How far before its cursor an incremental read starts again.
 pub const OVERLAP: Duration = Duration::from_secs(120);
 
+/// Writes of one device's push, each after reading a row that only unsynced keys changed.
+pub const PUSH_ATTEMPTS: usize = 3;
+
 /// Rows per page of an incremental read.
 pub const PAGE: usize = 1000;
 
@@ -110,6 +113,46 @@ pub fn doc_of(d: &RemoteDevice) -> RemoteDoc {
     }
 }
 
+/// What a push writes: the name (if pushed) and the whole metadata, `extra` (the metadata
+/// read) with the gateway's keys set to the pushed values.
+fn written(
+    extra: Option<&Value>,
+    after: &Fields,
+    pushed: &[(String, Option<Value>)],
+) -> (Option<String>, Map<String, Value>) {
+    let mut metadata: Map<String, Value> = match extra {
+        Some(Value::Object(m)) => m.clone(),
+        _ => Map::new(),
+    };
+    let mut name = None;
+    let mut set = |key: &str, value: Option<Value>| match value {
+        Some(v) => {
+            metadata.insert(key.to_owned(), v);
+        }
+        None => {
+            metadata.remove(key);
+        }
+    };
+    let mut desired = false;
+    for (field, value) in pushed {
+        match field.as_str() {
+            "/name" => name = value.as_ref().and_then(Value::as_str).map(str::to_owned),
+            "/tags" => set(METADATA_TAGS, value.clone()),
+            "/enabled" => set(METADATA_ENABLED, value.clone()),
+            _ => desired = true,
+        }
+    }
+    if desired {
+        let doc = reconcile::subtree(after, "/desired");
+        let empty = doc.as_object().is_none_or(Map::is_empty);
+        set(
+            crate::cloud::netneural::METADATA_DESIRED,
+            (!empty).then_some(doc),
+        );
+    }
+    (name, metadata)
+}
+
 /// `device_service_assignments.sync_direction` as stored in the mirror.
 pub fn direction_word(d: SyncDirection) -> &'static str {
     match d {
@@ -167,8 +210,11 @@ impl NetNeuralSpoke {
     }
 
     /// Writes the pushed fields of one device in one guarded PATCH. `copy` is the row as last
-    /// read (its version and whole metadata). `Ok(None)`: another writer changed the row
-    /// since; nothing was written.
+    /// read (its version and whole metadata). If another writer changed the row since, it is
+    /// read again: when only keys the merge does not own changed (the uplink's `reported`,
+    /// NetNeural's own), the write is made again on the new row, up to [`PUSH_ATTEMPTS`]
+    /// times, so a chatty device is not starved; when a synced field changed, nothing is
+    /// written (`Ok(None)`) and the next run merges the new value.
     pub async fn push(
         &self,
         id: &str,
@@ -176,51 +222,32 @@ impl NetNeuralSpoke {
         after: &Fields,
         pushed: &[(String, Option<Value>)],
     ) -> Result<Option<RemoteCopy>, CloudError> {
-        let mut metadata: Map<String, Value> = match &copy.extra {
-            Some(Value::Object(m)) => m.clone(),
-            _ => Map::new(),
-        };
-        let mut name = None;
-        let mut set = |key: &str, value: Option<Value>| match value {
-            Some(v) => {
-                metadata.insert(key.to_owned(), v);
+        let device = DeviceId(id.to_owned());
+        let (mut version, mut extra) = (copy.version.clone(), copy.extra.clone());
+        for _ in 0..PUSH_ATTEMPTS {
+            let (name, metadata) = written(extra.as_ref(), after, pushed);
+            let row = self
+                .client
+                .update_synced(&device, version.as_deref(), name.as_deref(), &metadata)
+                .await?;
+            if let Some(row) = row {
+                return Ok(Some(RemoteCopy {
+                    fields: after.clone(),
+                    remote_at: row.updated_at,
+                    version: row.version.clone(),
+                    extra: Some(Value::Object(row.metadata)),
+                }));
             }
-            None => {
-                metadata.remove(key);
+            let Some(now) = self.client.device(&device).await? else {
+                return Ok(None);
+            };
+            let fresh = doc_of(&now);
+            if fresh.fields != copy.fields {
+                return Ok(None);
             }
-        };
-        let mut desired = false;
-        for (field, value) in pushed {
-            match field.as_str() {
-                "/name" => name = value.as_ref().and_then(Value::as_str).map(str::to_owned),
-                "/tags" => set(METADATA_TAGS, value.clone()),
-                "/enabled" => set(METADATA_ENABLED, value.clone()),
-                _ => desired = true,
-            }
+            (version, extra) = (fresh.version, fresh.extra);
         }
-        if desired {
-            let doc = reconcile::subtree(after, "/desired");
-            let empty = doc.as_object().is_none_or(Map::is_empty);
-            set(
-                crate::cloud::netneural::METADATA_DESIRED,
-                (!empty).then_some(doc),
-            );
-        }
-        let row = self
-            .client
-            .update_synced(
-                &DeviceId(id.to_owned()),
-                copy.version.as_deref(),
-                name.as_deref(),
-                &metadata,
-            )
-            .await?;
-        Ok(row.map(|row| RemoteCopy {
-            fields: after.clone(),
-            remote_at: row.updated_at,
-            version: row.version.clone(),
-            extra: Some(Value::Object(row.metadata)),
-        }))
+        Ok(None)
     }
 
     /// The conflicts NetNeural holds for us, by their row ids there.
@@ -255,6 +282,92 @@ impl NetNeuralSpoke {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cloud::ApiKey;
+    use crate::cloud::testing::serve;
+    use crate::config::{NetNeuralConfig, Secret};
+    use serde_json::json;
+
+    fn row(desired: Value, reported: i64, updated_at: &str) -> Value {
+        json!({"id": "u1", "organization_id": "org-1", "name": "s1", "hardware_ids": ["s1"],
+               "metadata": {"desired": desired, "reported": {"n": reported}},
+               "updated_at": updated_at, "deleted_at": null})
+    }
+
+    fn spoke(url: &url::Url) -> NetNeuralSpoke {
+        let config = NetNeuralConfig {
+            url: Some(url.clone()),
+            organization_id: "org-1".into(),
+            integration_id: "int-1".into(),
+            ..NetNeuralConfig::default()
+        };
+        NetNeuralSpoke {
+            client: NetNeural::new(&config, ApiKey::new(Secret::new("sb_secret_x"))).unwrap(),
+        }
+    }
+
+    /// The push of `/desired/led` = "on" over a copy read at T1 with led "off".
+    async fn push_over(answers: Vec<(u16, Value)>) -> (Option<RemoteCopy>, Vec<String>) {
+        let answers = std::sync::Mutex::new(answers.into_iter());
+        let fake = serve(move |_, _| {
+            let (status, body) = answers.lock().unwrap().next().expect("no more requests");
+            (status, body.to_string())
+        })
+        .await;
+        let read = doc_of(&RemoteDevice::from(
+            serde_json::from_value::<crate::cloud::netneural::wire::Device>(row(
+                json!({"led": "off"}),
+                1,
+                "T1",
+            ))
+            .unwrap(),
+        ));
+        let mut after = read.fields.clone();
+        after.insert("/desired/led".into(), json!("on"));
+        let pushed = vec![("/desired/led".to_owned(), Some(json!("on")))];
+        let got = spoke(&fake.url)
+            .push("u1", &link_copy(&read), &after, &pushed)
+            .await
+            .unwrap();
+        let seen = fake
+            .seen()
+            .iter()
+            .map(|s| format!("{} {}", s.method, s.query("updated_at").unwrap_or("-")))
+            .collect();
+        (got, seen)
+    }
+
+    fn link_copy(doc: &RemoteDoc) -> RemoteCopy {
+        super::super::link::copy_of(doc)
+    }
+
+    #[tokio::test]
+    async fn a_push_that_lost_to_a_write_of_unsynced_keys_is_made_again_on_the_new_row() {
+        let (got, seen) = push_over(vec![
+            (200, json!([])),
+            (200, json!([row(json!({"led": "off"}), 2, "T2")])),
+            (200, json!([row(json!({"led": "on"}), 2, "T3")])),
+        ])
+        .await;
+        assert_eq!(seen, ["PATCH eq.T1", "GET -", "PATCH eq.T2"]);
+        let copy = got.expect("written on the second try");
+        assert_eq!(copy.version.as_deref(), Some("T3"));
+        assert_eq!(
+            copy.extra.unwrap()["reported"]["n"],
+            2,
+            "the uplink's write kept"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_push_that_lost_to_an_edit_of_a_synced_field_writes_nothing() {
+        let (got, seen) = push_over(vec![
+            (200, json!([])),
+            (200, json!([row(json!({"led": "blue"}), 1, "T2")])),
+        ])
+        .await;
+        assert_eq!(seen, ["PATCH eq.T1", "GET -"]);
+        assert_eq!(got, None, "the next run merges the new value");
+    }
 
     fn t(raw: &str) -> UnixMillis {
         parse_rfc3339(raw).unwrap()
