@@ -19,7 +19,7 @@
 //!    the mirror's new values (a changed desired document gets a new change number, so the
 //!    downlink publishes it to the device once), the bases of the clouds that took their
 //!    writes, the clouds' copies, links, removal marks, conflicts, cursors, and the sync log
-//!    (a row for the run, one per device operation);
+//!    (a row for every run, one per device operation);
 //! 7. tells NetNeural about new and resolved conflicts (`device_conflicts`) and, for a run that
 //!    did anything, writes an `integration_sync_log` row.
 //!

@@ -478,9 +478,10 @@ fn finish(tally: &mut Tally, pulls: &[Pull], started_at: UnixMillis) -> SyncComm
         (false, true) => "failed",
         (false, false) => "partial",
     };
-    // A quiet run leaves no row: the log holds what happened, not every look.
+    // Every run leaves its row (a quiet one too: the log shows the runs happen), then one per
+    // operation.
     let mut rows = Vec::with_capacity(log.len() + 1);
-    if !report.is_quiet() {
+    {
         rows.push(LogEntry {
             target: pulls
                 .iter()
