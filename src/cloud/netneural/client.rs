@@ -335,6 +335,18 @@ impl NetNeural {
         if body.is_empty() {
             return self.device(id).await;
         }
+        self.patch_device(id, ("deleted_at", "is.null"), &body)
+            .await
+    }
+
+    /// One PATCH of the organization's device `id`, narrowed by one more filter (a live row,
+    /// or a version guard); the row as written, `None` if the filters matched nothing.
+    async fn patch_device(
+        &self,
+        id: &DeviceId,
+        (column, filter): (&str, &str),
+        body: &wire::DeviceUpdate<'_>,
+    ) -> Result<Option<RemoteDevice>, CloudError> {
         let (id_filter, org) = (eq(id.as_str()), eq(&self.organization_id));
         let rb = self
             .request(
@@ -344,12 +356,12 @@ impl NetNeural {
                 &[
                     ("id", &id_filter),
                     ("organization_id", &org),
-                    ("deleted_at", "is.null"),
+                    (column, filter),
                     ("select", wire::DEVICE_COLUMNS),
                 ],
             )?
             .header("Prefer", "return=representation")
-            .json(&body);
+            .json(body);
         Ok(self
             .rows::<wire::Device>(PATCH_DEVICES, rb)
             .await?
@@ -392,25 +404,12 @@ impl NetNeural {
                 updated_at: Some(UnixMillis::now().to_rfc3339()),
                 ..wire::DeviceUpdate::default()
             };
-            let (id_filter, org) = (eq(id.as_str()), eq(&self.organization_id));
             let version = version_guard(row.updated_at.as_deref());
-            let rb = self
-                .request(
-                    Method::PATCH,
-                    PATCH_DEVICES,
-                    "devices",
-                    &[
-                        ("id", &id_filter),
-                        ("organization_id", &org),
-                        ("updated_at", &version),
-                        ("select", wire::DEVICE_COLUMNS),
-                    ],
-                )?
-                .header("Prefer", "return=representation")
-                .json(&body);
-            let written: Vec<wire::Device> = self.rows(PATCH_DEVICES, rb).await?;
-            if let Some(row) = written.into_iter().next() {
-                return Ok(Some(row.into()));
+            if let Some(row) = self
+                .patch_device(id, ("updated_at", &version), &body)
+                .await?
+            {
+                return Ok(Some(row));
             }
         }
         Err(CloudError::contended(

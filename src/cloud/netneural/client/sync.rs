@@ -86,31 +86,8 @@ impl NetNeural {
             updated_at: Some(UnixMillis::now().to_rfc3339()),
             ..wire::DeviceUpdate::default()
         };
-        let (id_filter, org, guard) = (
-            eq(id.as_str()),
-            eq(&self.organization_id),
-            version_guard(version),
-        );
-        let rb = self
-            .request(
-                Method::PATCH,
-                PATCH_DEVICES,
-                "devices",
-                &[
-                    ("id", &id_filter),
-                    ("organization_id", &org),
-                    ("updated_at", &guard),
-                    ("select", wire::DEVICE_COLUMNS),
-                ],
-            )?
-            .header("Prefer", "return=representation")
-            .json(&body);
-        Ok(self
-            .rows::<wire::Device>(PATCH_DEVICES, rb)
-            .await?
-            .into_iter()
-            .next()
-            .map(RemoteDevice::from))
+        self.patch_device(id, ("updated_at", &version_guard(version)), &body)
+            .await
     }
 
     /// Assignments of the configured integration changed at or after `since`
