@@ -15,6 +15,7 @@
 //! arrives, so a crash at any instant loses nothing that was acknowledged, and one fsync
 //! covers a whole batch.
 
+mod conflict;
 mod cursor;
 pub mod db;
 mod devices;
@@ -22,6 +23,7 @@ mod doc;
 pub mod outbox;
 pub mod retention;
 pub mod sync;
+mod sync_log;
 #[cfg(test)]
 mod tests;
 pub mod views;
