@@ -17,6 +17,7 @@
 //! lost to a stale copy.
 
 pub mod client;
+mod conflicts;
 pub mod mapping;
 pub mod wire;
 
