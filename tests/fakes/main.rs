@@ -9,6 +9,7 @@ mod selftest_clients;
 mod selftest_faults;
 mod selftest_golioth;
 mod selftest_netneural;
+mod selftest_netneural_sync;
 
 use std::time::Duration;
 
