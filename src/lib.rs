@@ -21,6 +21,7 @@
 //!   [`coap::exchange`] (retransmission cache) and [`coap::observe`] (observer registry).
 //!
 //! I/O:
+//! - [`api`]: the local HTTP API; [`api::console`], the web console's embedded files.
 //! - [`cloud`]: what both cloud clients share — the typed [`cloud::CloudError`] (which cloud,
 //!   which request, what failed, retried or not), the HTTP client set-up, `Retry-After` — and
 //!   a room per cloud: [`cloud::golioth`] and [`cloud::netneural`] (each its client, wire
@@ -48,6 +49,7 @@
 //! - [`cli`]: the operator commands (status, devices, rejected, telemetry, queue, desired set,
 //!   conflicts, sync now, sync-log, check-config).
 
+pub mod api;
 pub mod backoff;
 pub mod cli;
 pub mod cloud;

@@ -1,0 +1,3 @@
+//! The local HTTP API (axum) and the web console's embedded assets.
+
+pub mod console;
