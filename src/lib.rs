@@ -48,6 +48,7 @@
 //! - [`cli`]: the operator commands (status, devices, rejected, telemetry, queue, desired set,
 //!   conflicts, sync now, sync-log, check-config).
 
+pub mod api;
 pub mod backoff;
 pub mod cli;
 pub mod cloud;
@@ -66,3 +67,4 @@ pub mod outbox;
 pub mod reconcile;
 pub mod retention;
 pub mod store;
+pub mod view;
