@@ -229,25 +229,16 @@ fn daemon(running: bool, beat: Option<&crate::store::DaemonBeat>) -> String {
     }
 }
 
-/// `status --json`: the store's counts plus whether a daemon holds the database.
-#[derive(serde::Serialize)]
-struct StatusOut<'a> {
-    daemon_running: bool,
-    #[serde(flatten)]
-    status: &'a Status,
-}
-
 /// `nn-gateway status`.
 pub fn status(path: &Path, json: bool) -> Result<String, StoreError> {
-    let s = Db::open_readonly(path)?.status()?;
-    let running = crate::store::daemon_running(path);
+    let view = crate::view::status(
+        &Db::open_readonly(path)?,
+        crate::store::daemon_running(path),
+    )?;
     Ok(if json {
-        to_json(&StatusOut {
-            daemon_running: running,
-            status: &s,
-        })
+        to_json(&view)
     } else {
-        render_status(&s, running)
+        render_status(&view.status, view.daemon_running)
     })
 }
 

@@ -41,11 +41,14 @@ use crate::store::{OpenOptions, Store, StoreError};
 pub enum DaemonError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("cannot bind CoAP socket {addr}: {source}")]
+    #[error("cannot bind {what} {addr}: {source}")]
     Bind {
+        what: &'static str,
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Token(#[from] crate::api::TokenError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
@@ -164,6 +167,8 @@ async fn apply_reloads(
 /// The sockets the daemon serves on, bound by the caller.
 pub struct Sockets {
     pub coap: Option<UdpSocket>,
+    /// The HTTP API and console (`[api]`).
+    pub api: Option<tokio::net::TcpListener>,
 }
 
 impl Sockets {
@@ -177,12 +182,30 @@ impl Sockets {
             Some(
                 UdpSocket::bind(addr)
                     .await
-                    .map_err(|source| DaemonError::Bind { addr, source })?,
+                    .map_err(|source| DaemonError::Bind {
+                        what: "CoAP socket",
+                        addr,
+                        source,
+                    })?,
             )
         } else {
             None
         };
-        Ok(Sockets { coap })
+        let api = if cfg.api.enabled {
+            let addr = cfg.api.bind;
+            Some(
+                crate::api::bind(addr)
+                    .await
+                    .map_err(|source| DaemonError::Bind {
+                        what: "HTTP API address (api.bind)",
+                        addr,
+                        source,
+                    })?,
+            )
+        } else {
+            None
+        };
+        Ok(Sockets { coap, api })
     }
 }
 
@@ -272,6 +295,27 @@ pub async fn run_reloadable(
         Err(e) => {
             tracing::warn!(error = %e, "cannot listen for SIGUSR1; `sync now` will not reach the daemon");
         }
+    }
+    if let Some(listener) = sockets.api {
+        let golioth = match key_of(Target::Golioth) {
+            Some(key) if config.golioth.enabled => Some(Golioth::new(&config.golioth, key)?),
+            _ => None,
+        };
+        let netneural = match key_of(Target::NetNeural) {
+            Some(key) if config.netneural.enabled => Some(NetNeural::new(&config.netneural, key)?),
+            _ => None,
+        };
+        let api = crate::api::Api::new(
+            &config,
+            crate::api::ApiLinks {
+                store: store.clone(),
+                health: health.clone(),
+                sync_now: syncer.is_some().then(|| sync_now.clone()),
+                golioth,
+                netneural,
+            },
+        )?;
+        crate::api::spawn(listener, api, shutdown.clone(), &tracker);
     }
     if let Some(syncer) = syncer {
         crate::cloud::sync::spawn(

@@ -68,3 +68,4 @@ pub mod outbox;
 pub mod reconcile;
 pub mod retention;
 pub mod store;
+pub mod view;

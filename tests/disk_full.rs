@@ -76,6 +76,7 @@ async fn a_full_disk_loses_nothing_and_keeps_order_once_space_returns() {
                 ("NNGW_MQTT__RECONNECT_MIN", "50ms"),
                 ("NNGW_MQTT__RECONNECT_MAX", "300ms"),
                 ("NNGW_COAP__BIND", "127.0.0.1:0"),
+                ("NNGW_API__BIND", "127.0.0.1:0"),
                 ("NNGW_LOG__FORMAT", "text"),
             ])
             .stdout(Stdio::null())

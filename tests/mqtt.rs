@@ -324,6 +324,7 @@ fn a_refused_password_is_reported_once_as_a_refusal_without_the_password() {
             ("NNGW_MQTT__RECONNECT_MIN", "10ms"),
             ("NNGW_MQTT__RECONNECT_MAX", "50ms"),
             ("NNGW_COAP__BIND", "127.0.0.1:0"),
+            ("NNGW_API__BIND", "127.0.0.1:0"),
         ],
         Duration::from_millis(1500),
     );

@@ -223,6 +223,7 @@ fn without_a_broker_the_daemon_keeps_running_and_logs_the_outage_once() {
             ("NNGW_MQTT__RECONNECT_MIN", "10ms"),
             ("NNGW_MQTT__RECONNECT_MAX", "50ms"),
             ("NNGW_COAP__BIND", "127.0.0.1:0"),
+            ("NNGW_API__BIND", "127.0.0.1:0"),
         ],
         Duration::from_millis(1500),
     );
@@ -241,6 +242,7 @@ fn a_second_run_on_the_same_database_is_refused_with_the_first_ones_pid_not_an_a
         ("NNGW_MQTT__PORT", "1"),
         // A fixed CoAP port, so that the second daemon would collide on it if it got that far.
         ("NNGW_COAP__BIND", &format!("127.0.0.1:{port}")),
+        ("NNGW_API__BIND", "127.0.0.1:0"),
     ];
     let mut first = support::KillOnDrop(
         std::process::Command::new(env!("CARGO_BIN_EXE_nn-gateway"))
@@ -396,6 +398,7 @@ fn sync_now_reaches_a_daemon_without_clouds_and_leaves_it_running() {
         ("NNGW_STORAGE__PATH", db.to_str().unwrap()),
         ("NNGW_MQTT__PORT", "1"),
         ("NNGW_COAP__BIND", "127.0.0.1:0"),
+        ("NNGW_API__BIND", "127.0.0.1:0"),
     ];
     let mut daemon = support::KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_nn-gateway"))

@@ -146,5 +146,5 @@ fn a_schema_3_database_keeps_its_reconciliation_state() {
     let conflicts = db.conflicts(false, 10).unwrap();
     assert_eq!(conflicts.len(), 1);
     assert_eq!(conflicts[0].remote, Some(json!("boost")));
-    assert_eq!(db.sync_log(None, None, 10).unwrap().len(), 2);
+    assert_eq!(db.sync_log(None, None, None, 10).unwrap().len(), 2);
 }

@@ -74,6 +74,7 @@ fn the_binary_answers_sighup_with_a_reload_and_sigterm_with_a_clean_stop() {
         .env("NNGW_STORAGE__PATH", dir.path().join("gateway.db"))
         .env("NNGW_MQTT__PORT", free_port().to_string())
         .env("NNGW_COAP__BIND", "127.0.0.1:0")
+        .env("NNGW_API__BIND", "127.0.0.1:0")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -246,7 +246,7 @@ pub fn sync_log(
     limit: usize,
     json: bool,
 ) -> Result<String, StoreError> {
-    let rows = Db::open_readonly(path)?.sync_log(target, outcome, limit)?;
+    let rows = Db::open_readonly(path)?.sync_log(target, outcome, None, limit)?;
     if json {
         return Ok(to_json(&rows));
     }

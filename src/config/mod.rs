@@ -19,11 +19,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::FormatChoice;
 
+mod api;
 mod cloud;
 mod secret;
 mod sync;
 pub mod topics;
 
+pub use api::ApiConfig;
 pub use cloud::{GoliothConfig, HttpSettings, IdTemplate, NetNeuralConfig};
 
 pub use secret::Secret;
@@ -49,6 +51,7 @@ pub struct Config {
     pub golioth: GoliothConfig,
     pub netneural: NetNeuralConfig,
     pub sync: SyncConfig,
+    pub api: ApiConfig,
     pub log: LogConfig,
 }
 
@@ -468,6 +471,7 @@ impl Config {
         self.golioth.validate(origin)?;
         self.netneural.validate(origin)?;
         self.sync.validate(origin)?;
+        self.api.validate(origin)?;
         Ok(())
     }
 
@@ -497,6 +501,7 @@ impl Config {
                 "netneural-api-key",
             )?;
         }
+        self.api.read_secrets(origin, creds)?;
         Ok(())
     }
 
@@ -504,7 +509,7 @@ impl Config {
     /// effect only after a restart.
     pub fn restart_needed(&self, new: &Config) -> Vec<&'static str> {
         let render = |v: &dyn erased::Section| v.render();
-        let pairs: [(&'static str, String, String); 7] = [
+        let pairs: [(&'static str, String, String); 8] = [
             ("gateway", render(&self.gateway), render(&new.gateway)),
             ("storage", render(&self.storage), render(&new.storage)),
             ("mqtt", render(&self.mqtt), render(&new.mqtt)),
@@ -512,6 +517,7 @@ impl Config {
             ("golioth", render(&self.golioth), render(&new.golioth)),
             ("netneural", render(&self.netneural), render(&new.netneural)),
             ("sync", render(&self.sync), render(&new.sync)),
+            ("api", render(&self.api), render(&new.api)),
         ];
         pairs
             .into_iter()

@@ -10,7 +10,7 @@ use super::StoreError;
 use super::db::Db;
 use super::doc::parse_doc;
 use super::sync::write_desired;
-use super::views::{DeviceView, TelemetryView};
+use super::views::{DeviceLinks, DeviceView, TelemetryView};
 use super::write::upsert_device;
 use crate::model::{DesiredDoc, DeviceKey, Origin, UnixMillis};
 
@@ -147,39 +147,59 @@ impl Db {
         Ok(())
     }
 
+    /// Every device, by key (`nn-gateway devices`).
     pub fn devices(&self) -> Result<Vec<DeviceView>, StoreError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT v.key, v.origin, v.first_seen, v.last_seen, r.doc, r.version, d.doc, d.version,
-                    (SELECT count(*) FROM telemetry t WHERE t.device_id = v.id),
-                    v.golioth_removed_at, v.netneural_removed_at
-             FROM device v
-             LEFT JOIN reported_state r ON r.device_id = v.id
-             LEFT JOIN desired_state d ON d.device_id = v.id
-             WHERE v.deleted_at IS NULL ORDER BY v.key",
+        Ok(self.devices_page(None, usize::MAX, 0)?.0)
+    }
+
+    /// One page of devices by key, those whose key contains `search` (case-insensitive) if
+    /// given, and how many match in all.
+    pub fn devices_page(
+        &self,
+        search: Option<&str>,
+        limit: usize,
+        offset: usize,
+    ) -> Result<(Vec<DeviceView>, i64), StoreError> {
+        // `instr` on lower(): no LIKE wildcards to escape in what an operator types.
+        let filter = "v.deleted_at IS NULL AND (?1 IS NULL OR instr(lower(v.key), lower(?1)) > 0)";
+        let search = search.filter(|s| !s.is_empty());
+        let total: i64 = self.conn.query_row(
+            &format!("SELECT count(*) FROM device v WHERE {filter}"),
+            [search],
+            |r| r.get(0),
         )?;
-        let rows = stmt.query_map([], |r| {
-            Ok(DeviceView {
-                key: r.get(0)?,
-                origin: r.get(1)?,
-                first_seen: UnixMillis(r.get(2)?),
-                last_seen: r.get::<_, Option<i64>>(3)?.map(UnixMillis),
-                reported: r.get::<_, Option<String>>(4)?.map(|s| parse_doc(&s)),
-                reported_version: r.get(5)?,
-                desired: r.get::<_, Option<String>>(6)?.map(|s| parse_doc(&s)),
-                desired_version: r.get(7)?,
-                telemetry_points: r.get(8)?,
-                removed_from: [("golioth", 9), ("netneural", 10)]
-                    .into_iter()
-                    .filter_map(|(cloud, i)| {
-                        r.get::<_, Option<i64>>(i)
-                            .ok()
-                            .flatten()
-                            .map(|_| cloud.to_owned())
-                    })
-                    .collect(),
+        let mut stmt = self.conn.prepare(&format!(
+            "{DEVICE_VIEW} WHERE {filter} ORDER BY v.key LIMIT ?2 OFFSET ?3"
+        ))?;
+        let rows = stmt.query_map(
+            params![
+                search,
+                i64::try_from(limit).unwrap_or(i64::MAX),
+                i64::try_from(offset).unwrap_or(i64::MAX)
+            ],
+            device_view,
+        )?;
+        Ok((rows.collect::<Result<Vec<_>, _>>()?, total))
+    }
+
+    /// One device with its ids in each cloud, or `None` if the mirror does not know it.
+    pub fn device(
+        &self,
+        device: &DeviceKey,
+    ) -> Result<Option<(DeviceView, DeviceLinks)>, StoreError> {
+        let sql = format!("{DEVICE_VIEW} WHERE v.key = ?1 AND v.deleted_at IS NULL");
+        self.conn
+            .query_row(&sql, [device.as_str()], |r| {
+                Ok((
+                    device_view(r)?,
+                    DeviceLinks {
+                        golioth: r.get(11)?,
+                        netneural: r.get(12)?,
+                    },
+                ))
             })
-        })?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            .optional()
+            .map_err(Into::into)
     }
 
     /// A device's telemetry payloads in arrival order (for tests and diagnostics).
@@ -191,6 +211,38 @@ impl Db {
         let rows = stmt.query_map([device.as_str()], |r| r.get::<_, String>(0))?;
         rows.map(|r| Ok(parse_doc(&r?))).collect()
     }
+}
+
+/// The columns of a [`DeviceView`] (then the device's cloud ids), for [`device_view`].
+const DEVICE_VIEW: &str =
+    "SELECT v.key, v.origin, v.first_seen, v.last_seen, r.doc, r.version, d.doc,
+            d.version, (SELECT count(*) FROM telemetry t WHERE t.device_id = v.id),
+            v.golioth_removed_at, v.netneural_removed_at, v.golioth_id, v.netneural_id
+     FROM device v
+     LEFT JOIN reported_state r ON r.device_id = v.id
+     LEFT JOIN desired_state d ON d.device_id = v.id";
+
+fn device_view(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceView> {
+    Ok(DeviceView {
+        key: r.get(0)?,
+        origin: r.get(1)?,
+        first_seen: UnixMillis(r.get(2)?),
+        last_seen: r.get::<_, Option<i64>>(3)?.map(UnixMillis),
+        reported: r.get::<_, Option<String>>(4)?.map(|s| parse_doc(&s)),
+        reported_version: r.get(5)?,
+        desired: r.get::<_, Option<String>>(6)?.map(|s| parse_doc(&s)),
+        desired_version: r.get(7)?,
+        telemetry_points: r.get(8)?,
+        removed_from: [("golioth", 9), ("netneural", 10)]
+            .into_iter()
+            .filter_map(|(cloud, i)| {
+                r.get::<_, Option<i64>>(i)
+                    .ok()
+                    .flatten()
+                    .map(|_| cloud.to_owned())
+            })
+            .collect(),
+    })
 }
 
 fn desired_doc(key: &str, doc: &str, version: i64, seq: i64) -> Result<DesiredDoc, StoreError> {

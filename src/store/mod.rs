@@ -40,7 +40,7 @@ use crate::model::{Outcome, WriteOp};
 
 pub use db::{Db, OpenOptions, SCHEMA_VERSION};
 pub use outbox::{DeviceIdent, OutboxRow, QueueRow, QueueView, Requeue, TelemetryItem};
-pub use views::{DaemonBeat, DeviceView, RejectedView, Status, TelemetryView};
+pub use views::{DaemonBeat, DeviceLinks, DeviceView, RejectedView, Status, TelemetryView};
 pub use write::DEDUP_SPAN;
 
 /// Most writes committed in one transaction. Large enough that one fsync (with

@@ -38,11 +38,13 @@ impl Db {
             .execute("DELETE FROM sync_log WHERE at < ?1", [before.0])?)
     }
 
-    /// The sync log, newest first, optionally narrowed to a cloud and an outcome.
+    /// The sync log, newest first, optionally narrowed to a cloud and an outcome, and to rows
+    /// older than the row `before` (the next page after a page ending at that id).
     pub fn sync_log(
         &self,
         target: Option<&str>,
         outcome: Option<&str>,
+        before: Option<i64>,
         limit: usize,
     ) -> Result<Vec<SyncLogView>, StoreError> {
         let mut stmt = self.conn.prepare(
@@ -50,9 +52,11 @@ impl Db {
                     s.conflicts, s.outcome, s.error, s.duration_ms, s.details
              FROM sync_log s LEFT JOIN device v ON v.id = s.device_id
              WHERE (?1 IS NULL OR s.target = ?1) AND (?2 IS NULL OR s.outcome = ?2)
+               AND (?4 IS NULL OR s.id < ?4)
              ORDER BY s.id DESC LIMIT ?3",
         )?;
-        let rows = stmt.query_map(params![target, outcome, limit as i64], |r| {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt.query_map(params![target, outcome, limit, before], |r| {
             Ok(SyncLogView {
                 id: r.get(0)?,
                 run_id: r.get(1)?,

@@ -92,6 +92,13 @@ pub struct DeviceView {
     pub removed_from: Vec<String>,
 }
 
+/// A device's ids in each cloud, once linked there.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct DeviceLinks {
+    pub golioth: Option<String>,
+    pub netneural: Option<String>,
+}
+
 /// One telemetry point for `nn-gateway telemetry`.
 #[derive(Clone, Debug, Serialize)]
 pub struct TelemetryView {

@@ -118,6 +118,7 @@ pub fn environment(
         ("NNGW_MQTT__PORT".into(), broker_port.to_string()),
         ("NNGW_MQTT__CLIENT_ID".into(), "nn-gateway-rig".into()),
         ("NNGW_COAP__BIND".into(), "127.0.0.1:0".into()),
+        ("NNGW_API__BIND".into(), "127.0.0.1:0".into()),
         ("NNGW_LOG__FORMAT".into(), "text".into()),
     ];
     let mut set = |k: &str, v: String| env.push((k.to_owned(), v));

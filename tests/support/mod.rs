@@ -161,6 +161,7 @@ pub fn config(dir: &Path, broker_port: u16, client_id: &str) -> Config {
     cfg.mqtt.reconnect_min = Duration::from_millis(50);
     cfg.mqtt.reconnect_max = Duration::from_millis(500);
     cfg.coap.bind = "127.0.0.1:0".parse().unwrap();
+    cfg.api.bind = "127.0.0.1:0".parse().unwrap();
     cfg.gateway.downlink_poll = Duration::from_millis(100);
     cfg
 }
@@ -169,6 +170,8 @@ pub fn config(dir: &Path, broker_port: u16, client_id: &str) -> Config {
 pub struct Gateway {
     pub shutdown: CancellationToken,
     pub coap_port: u16,
+    /// The HTTP API's port (0 when `[api]` is off).
+    pub api_port: u16,
     pub db: PathBuf,
     task: JoinHandle<Result<(), daemon::DaemonError>>,
 }
@@ -195,6 +198,10 @@ impl Gateway {
             .coap
             .as_ref()
             .map_or(0, |s| s.local_addr().unwrap().port());
+        let api_port = sockets
+            .api
+            .as_ref()
+            .map_or(0, |s| s.local_addr().unwrap().port());
         let shutdown = CancellationToken::new();
         let db = cfg.storage.path.clone();
         let started = nn_gateway::model::UnixMillis::now().0;
@@ -217,6 +224,7 @@ impl Gateway {
         Gateway {
             shutdown,
             coap_port,
+            api_port,
             db,
             task,
         }

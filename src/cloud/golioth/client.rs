@@ -33,6 +33,8 @@ const PAGES_AT_ONCE: usize = 4;
 const MAX_PAGES: i64 = 10_000;
 
 const LIST_DEVICES: &str = "GET /v1/projects/{projectId}/devices";
+/// The request [`Golioth::probe`] makes.
+pub const PROBE: &str = LIST_DEVICES;
 const CREATE_DEVICE: &str = "POST /v1/projects/{projectId}/devices";
 const GET_DEVICE: &str = "GET /v1/projects/{projectId}/devices/{deviceId}";
 const PATCH_DEVICE: &str = "PATCH /v1/projects/{projectId}/devices/{deviceId}";

@@ -40,6 +40,8 @@ pub const MAX_PAGE_SIZE: usize = 1000;
 const CONFLICT_TYPE: &str = "data_mismatch";
 
 const GET_DEVICES: &str = "GET /rest/v1/devices";
+/// The request [`NetNeural::probe`] makes.
+pub const PROBE: &str = GET_DEVICES;
 const POST_DEVICES: &str = "POST /rest/v1/devices";
 const PATCH_DEVICES: &str = "PATCH /rest/v1/devices";
 const POST_TELEMETRY: &str = "POST /rest/v1/device_telemetry_history";

@@ -103,7 +103,7 @@ fn a_commit_is_read_back_by_the_next_run() {
             .as_deref(),
         Some("2026-12-03T10:00:00Z")
     );
-    let log = db.sync_log(None, None, 10).unwrap();
+    let log = db.sync_log(None, None, None, 10).unwrap();
     assert_eq!(log[0].run_id, Some(log[0].id));
     // The same field is not held twice.
     let again = db
