@@ -172,6 +172,7 @@ impl Api {
         let max_body = self.inner.max_body;
         Router::new()
             .nest("/api/v1", v1)
+            .merge(console::routes())
             .route("/healthz", get(routes::healthz))
             .route("/readyz", get(routes::readyz))
             .fallback(routes::not_found)
