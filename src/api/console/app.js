@@ -300,7 +300,7 @@ function gatewayCard(s, live) {
     facts([
       ['MQTT broker', badge(mqtt, 'mqtt-state')],
       ['Ingest', h('span', { testid: 'ingest-rate' },
-        live.ingest_per_s === undefined ? '—' : `${live.ingest_per_s.toFixed(1)} messages/s`)],
+        live.ingest_per_s == null ? 'not measured' : `${live.ingest_per_s.toFixed(1)} messages/s`)],
       ['Devices', h('a', { href: '#/devices' }, String(s.devices ?? 0))],
       ['Telemetry', `${s.telemetry_points ?? 0} points`],
       ['Conflicts', h('a', { href: '#/conflicts', testid: 'conflicts-pending' }, `${s.conflicts_pending ?? 0} pending`)],
@@ -437,7 +437,8 @@ function deviceScreen(root, key) {
     async refresh() {
       dev = await api('GET', `/api/v1/devices/${enc(key)}`);
       const link = (cloud) => {
-        const id = dev.links?.[cloud]?.id;
+        const l = dev.links?.[cloud];
+        const id = typeof l === 'string' ? l : l?.id;
         return h('code', { testid: `link-${cloud}`, title: id ? `${cloud} device id` : null }, id ?? 'not linked');
       };
       summary.replaceChildren(h('article', { class: 'card' }, facts([
@@ -593,7 +594,7 @@ function configScreen(root) {
         const r = await api('POST', `/api/v1/clouds/${cloud}/test`);
         out.className = `test-result ${r.ok ? 'good' : 'bad'}`;
         out.dataset.ok = String(r.ok);
-        out.textContent = [r.ok ? 'OK' : 'Failed', `${r.latency_ms} ms`, r.request,
+        out.textContent = [r.ok ? 'OK' : 'Failed', `${Math.round(r.latency_ms)} ms`, r.request,
           r.status == null ? 'no HTTP status' : `HTTP ${r.status}`, r.error].filter(Boolean).join(' · ');
       } catch (e) {
         out.className = 'test-result bad';
