@@ -387,6 +387,6 @@ async fn an_operator_sees_and_acts_on_the_gateway_through_the_console_in_a_real_
             "no screenshot {name}.png"
         );
     }
-    eprintln!("console browser test: {:?} in all", started.elapsed());
+    eprintln!("{transcript}console browser test: {:?} in all", started.elapsed());
     w.site.gw.stop().await;
 }

@@ -58,8 +58,9 @@ async function until(page, id, re, timeout = WAIT) {
   const deadline = Date.now() + timeout;
   let last = '';
   for (;;) {
-    last = (await loc.textContent({ timeout: Math.max(1, deadline - Date.now()) }).catch(() => null)) ?? '';
-    if (re.test(last)) return last;
+    const now = await loc.textContent({ timeout: Math.max(1, deadline - Date.now()) }).catch(() => null);
+    if (now !== null) last = now;
+    if (now !== null && re.test(now)) return now;
     if (Date.now() > deadline) throw new Error(`${id}: ${JSON.stringify(last)} never matched ${re} within ${timeout} ms`);
     await page.waitForTimeout(100);
   }
@@ -120,6 +121,24 @@ async function overviewShowsACloudGoingOfflineAndBack(page) {
   await until(page, 'banner-text', /Gateway unreachable/);
   await page.unroute('**/api/v1/**');
   await tid(page, 'banner').waitFor({ state: 'hidden', timeout: WAIT });
+
+  // A hidden tab stops polling, and a visible one starts again at once.
+  let polls = 0;
+  const count = (req) => { if (req.url().includes('/api/v1/status')) polls += 1; };
+  page.on('request', count);
+  const hide = (hidden) => page.evaluate((v) => {
+    Object.defineProperty(document, 'hidden', { value: v, configurable: true });
+    document.dispatchEvent(new Event('visibilitychange'));
+  }, hidden);
+  await hide(true);
+  await page.waitForTimeout(300); // a poll already on its way may land
+  polls = 0;
+  await page.waitForTimeout(4500);
+  check(polls === 0, `a hidden tab polled ${polls} times`);
+  await hide(false);
+  await page.waitForTimeout(500);
+  check(polls >= 1, 'a tab shown again polls at once');
+  page.off('request', count);
 
   await tid(page, 'sync-now').click();
   await until(page, 'banner-text', /Sync run requested/);
