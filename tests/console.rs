@@ -230,6 +230,35 @@ async fn resolution_lands(w: &World, id: &Value, value: &Value) {
     assert_eq!(&c["resolved_value"], value, "{c}");
 }
 
+/// The console's files are served without a token, as what they are; the API's data is not.
+async fn console_files_are_open_and_the_api_is_not(w: &World) {
+    for (path, kind) in [
+        ("/", "text/html"),
+        ("/console/app.js", "text/javascript"),
+        ("/console/app.css", "text/css"),
+    ] {
+        let r = w
+            .http
+            .get(format!("{}{path}", w.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        let h = r.headers();
+        let content_type = h["content-type"].to_str().unwrap();
+        assert!(content_type.starts_with(kind), "{path}: {content_type}");
+        assert_eq!(h["cache-control"], "no-cache", "{path}");
+        assert!(h.contains_key("etag"), "{path}");
+    }
+    let r = w
+        .http
+        .get(format!("{}/api/v1/status", w.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
+
 /// Waits for `want` on the device's desired topic.
 async fn device_receives(sub: &mut Device, key: &str, want: &Value) {
     let topic = format!("devices/{key}/desired");
@@ -258,6 +287,7 @@ async fn an_operator_sees_and_acts_on_the_gateway_through_the_console_in_a_real_
     };
     let started = Instant::now();
     let w = world().await;
+    console_files_are_open_and_the_api_is_not(&w).await;
     let mut sub = Device::connect(w.site.broker.port, "console-device").await;
     sub.client
         .subscribe(
@@ -387,6 +417,9 @@ async fn an_operator_sees_and_acts_on_the_gateway_through_the_console_in_a_real_
             "no screenshot {name}.png"
         );
     }
-    eprintln!("{transcript}console browser test: {:?} in all", started.elapsed());
+    eprintln!(
+        "{transcript}console browser test: {:?} in all",
+        started.elapsed()
+    );
     w.site.gw.stop().await;
 }

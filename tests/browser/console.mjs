@@ -133,7 +133,7 @@ async function overviewShowsACloudGoingOfflineAndBack(page) {
   await hide(true);
   await page.waitForTimeout(300); // a poll already on its way may land
   polls = 0;
-  await page.waitForTimeout(4500);
+  await page.waitForTimeout(3000); // longer than a poll's interval
   check(polls === 0, `a hidden tab polled ${polls} times`);
   await hide(false);
   await page.waitForTimeout(500);
