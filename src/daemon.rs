@@ -296,6 +296,11 @@ pub async fn run_reloadable(
             tracing::warn!(error = %e, "cannot listen for SIGUSR1; `sync now` will not reach the daemon");
         }
     }
+    // The Golioth webhook's single-device pulls: when it has a secret and Golioth syncs.
+    let pulls = (config.api.enabled
+        && config.api.webhook_secret.is_some()
+        && syncer.as_ref().is_some_and(|s| s.golioth.is_some()))
+    .then(|| crate::cloud::sync::PullRequests::new(config.api.webhook_min_interval));
     if let Some(listener) = sockets.api {
         let golioth = match key_of(Target::Golioth) {
             Some(key) if config.golioth.enabled => Some(Golioth::new(&config.golioth, key)?),
@@ -313,6 +318,7 @@ pub async fn run_reloadable(
                 sync_now: syncer.is_some().then(|| sync_now.clone()),
                 golioth,
                 netneural,
+                pulls: pulls.clone(),
             },
         )?;
         crate::api::spawn(listener, api, shutdown.clone(), &tracker);
@@ -325,6 +331,7 @@ pub async fn run_reloadable(
             crate::cloud::sync::SyncLinks {
                 store: store.clone(),
                 now: sync_now,
+                pulls,
                 shutdown: shutdown.clone(),
             },
             &tracker,
