@@ -558,7 +558,8 @@ async fn webhooks_with_a_wrong_secret_project_or_signature_are_refused() {
             .collect::<String>()
     );
     let secret = ("x-nngw-webhook-secret", SECRET);
-    let cases: &[(&str, &str, Vec<(&str, &str)>, u16)] = &[
+    type Case<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>, u16);
+    let cases: &[Case] = &[
         (
             "no secret",
             project.as_str(),
