@@ -5,10 +5,11 @@
 //!
 //! Start-up is a list of spawns, each part `X::spawn(config, links, &tracker)`: open the store
 //! (migrations) → CoAP on the bound socket → MQTT → one outbox lane per enabled cloud (and the
-//! SIGHUP key reloads) → SIGUSR1 and the sync runs (reconciliation, sharing the lanes' keys)
-//! → the downlink → retention → READY=1 → the heartbeat (its first WATCHDOG=1 must follow
+//! SIGHUP key reloads) → SIGUSR1, the HTTP API on its bound listener (with the webhook's
+//! focused pulls) and the sync runs (reconciliation, sharing the lanes' keys) → the downlink → retention → READY=1 → the heartbeat (its first WATCHDOG=1 must follow
 //! READY=1). Then the daemon only waits for the shutdown token.
-//! Shutdown (the token fires, e.g. on SIGTERM): STOPPING=1 → CoAP stops reading, MQTT stops
+//! Shutdown (the token fires, e.g. on SIGTERM): STOPPING=1 → the API finishes the requests in
+//! progress and stops, CoAP stops reading, MQTT stops
 //! storing and acknowledges what is committed, the lanes abandon their sends in the air (the
 //! rows stay in flight and are pending again at the next start; telemetry resends its batch,
 //! which the cloud's idempotency key makes harmless), the downlink, retention and heartbeat
