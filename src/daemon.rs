@@ -5,10 +5,11 @@
 //!
 //! Start-up is a list of spawns, each part `X::spawn(config, links, &tracker)`: open the store
 //! (migrations) → CoAP on the bound socket → MQTT → one outbox lane per enabled cloud (and the
-//! SIGHUP key reloads) → SIGUSR1 and the sync runs (reconciliation, sharing the lanes' keys)
-//! → the downlink → retention → READY=1 → the heartbeat (its first WATCHDOG=1 must follow
+//! SIGHUP key reloads) → SIGUSR1, the HTTP API on its bound listener (with the webhook's
+//! focused pulls) and the sync runs (reconciliation, sharing the lanes' keys) → the downlink → retention → READY=1 → the heartbeat (its first WATCHDOG=1 must follow
 //! READY=1). Then the daemon only waits for the shutdown token.
-//! Shutdown (the token fires, e.g. on SIGTERM): STOPPING=1 → CoAP stops reading, MQTT stops
+//! Shutdown (the token fires, e.g. on SIGTERM): STOPPING=1 → the API finishes the requests in
+//! progress and stops, CoAP stops reading, MQTT stops
 //! storing and acknowledges what is committed, the lanes abandon their sends in the air (the
 //! rows stay in flight and are pending again at the next start; telemetry resends its batch,
 //! which the cloud's idempotency key makes harmless), the downlink, retention and heartbeat
@@ -296,6 +297,11 @@ pub async fn run_reloadable(
             tracing::warn!(error = %e, "cannot listen for SIGUSR1; `sync now` will not reach the daemon");
         }
     }
+    // The Golioth webhook's single-device pulls: when it has a secret and Golioth syncs.
+    let pulls = (config.api.enabled
+        && config.api.webhook_secret.is_some()
+        && syncer.as_ref().is_some_and(|s| s.golioth.is_some()))
+    .then(|| crate::cloud::sync::PullRequests::new(config.api.webhook_min_interval));
     if let Some(listener) = sockets.api {
         let golioth = match key_of(Target::Golioth) {
             Some(key) if config.golioth.enabled => Some(Golioth::new(&config.golioth, key)?),
@@ -313,6 +319,7 @@ pub async fn run_reloadable(
                 sync_now: syncer.is_some().then(|| sync_now.clone()),
                 golioth,
                 netneural,
+                pulls: pulls.clone(),
             },
         )?;
         crate::api::spawn(listener, api, shutdown.clone(), &tracker);
@@ -325,6 +332,7 @@ pub async fn run_reloadable(
             crate::cloud::sync::SyncLinks {
                 store: store.clone(),
                 now: sync_now,
+                pulls,
                 shutdown: shutdown.clone(),
             },
             &tracker,

@@ -45,7 +45,10 @@
 //! - [`heartbeat`]: the daemon's beat in the database for operator commands, WATCHDOG=1 while
 //!   the store answers, STATUS=.
 //! - [`retention`]: the task that has the store enforce telemetry retention every minute.
+//! - [`api`]: the local HTTP API (axum), its bearer token, the Golioth webhook, the health
+//!   probes; it renders [`view`]'s views, as the CLI does.
 //! - [`daemon`]: start-up as a list of spawns, then shutdown in one written order.
+//! - [`view`]: the views the CLI and the API both show (status, device pages, one device).
 //! - [`cli`]: the operator commands (status, devices, rejected, telemetry, queue, desired set,
 //!   conflicts, sync now, sync-log, check-config).
 

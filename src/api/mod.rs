@@ -28,6 +28,7 @@ mod auth;
 pub mod console;
 mod error;
 mod routes;
+mod webhook;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -43,6 +44,7 @@ use tokio_util::task::TaskTracker;
 
 pub use auth::{GENERATED_NAME as TOKEN_FILE_NAME, TokenError};
 pub use error::ApiError;
+pub use webhook::SIGNATURE_HEADER;
 
 use crate::cloud::golioth::Golioth;
 use crate::cloud::netneural::NetNeural;
@@ -62,6 +64,8 @@ pub struct ApiLinks {
     /// The clients for the connection tests (with the lanes' keys, so SIGHUP reaches them).
     pub golioth: Option<Golioth>,
     pub netneural: Option<NetNeural>,
+    /// Where the Golioth webhook's pulls go (`None`: no Golioth sync runs).
+    pub pulls: Option<crate::cloud::sync::PullRequests>,
 }
 
 /// The API's state, cheap to clone into every handler.
@@ -82,6 +86,8 @@ struct Inner {
     /// `check-config`'s rendering of the effective configuration.
     config_toml: String,
     max_body: usize,
+    /// `None` when no webhook secret is configured.
+    webhook: Option<webhook::Webhook>,
 }
 
 impl Api {
@@ -103,6 +109,7 @@ impl Api {
                 netneural: links.netneural,
                 config_toml: config.to_toml(),
                 max_body: config.api.max_body_bytes,
+                webhook: webhook::Webhook::new(config, links.pulls),
             }),
         })
     }
@@ -168,7 +175,9 @@ impl Api {
             .route_layer(axum::middleware::from_fn_with_state(
                 self.clone(),
                 auth::require_token,
-            ));
+            ))
+            // After the token's layer: the webhook has its own secret.
+            .route("/webhooks/golioth", post(webhook::golioth));
         let max_body = self.inner.max_body;
         Router::new()
             .nest("/api/v1", v1)

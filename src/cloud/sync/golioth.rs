@@ -48,38 +48,55 @@ impl GoliothSpoke {
             ..DeviceFilter::default()
         };
         let devices = self.client.list_devices(&filter).await?;
-        let docs = devices
-            .into_iter()
-            .map(|d| {
-                let tags: Vec<&str> = d
-                    .tag_ids
-                    .iter()
-                    .map(|id| names.get(id.as_str()).map_or(id.as_str(), String::as_str))
-                    .collect();
-                let fields = reconcile::flatten(&json!({
-                    "name": d.name,
-                    "tags": tags,
-                    "enabled": d.enabled,
-                    "desired": d.state,
-                }));
-                RemoteDoc {
-                    id: d.id.0,
-                    hardware_ids: d.hardware_ids,
-                    golioth_id: None,
-                    fields,
-                    remote_at: d.updated_at,
-                    version: None,
-                    extra: None,
-                    deleted: false,
-                }
-            })
-            .collect();
+        let docs = devices.into_iter().map(|d| doc_of(d, &names)).collect();
         Ok(Pull {
             target: Some(Target::Golioth),
             docs,
             complete: true,
             ..Pull::default()
         })
+    }
+
+    /// Just these devices (by Golioth id), each with its desired document: what a webhook
+    /// asks for. Not complete (a device it lacks is only not asked for); one that Golioth no
+    /// longer has is left out, for the next full read to confirm.
+    pub async fn pull_devices(&self, ids: &[String]) -> Result<Pull, CloudError> {
+        let mut docs = Vec::new();
+        for id in ids {
+            let id = DeviceId(id.clone());
+            let Some(mut device) = self.client.device(&id).await? else {
+                continue;
+            };
+            device.state = self.client.get_state(&id, &self.desired_path).await?;
+            let mut names = self.tag_names();
+            if device
+                .tag_ids
+                .iter()
+                .any(|t| !names.contains_key(t.as_str()))
+            {
+                let tags = self.client.list_tags().await?;
+                *self.tags.lock().unwrap_or_else(|p| p.into_inner()) =
+                    tags.into_iter().map(|t| (t.name, t.id)).collect();
+                names = self.tag_names();
+            }
+            docs.push(doc_of(device, &names));
+        }
+        Ok(Pull {
+            target: Some(Target::Golioth),
+            docs,
+            complete: false,
+            ..Pull::default()
+        })
+    }
+
+    /// Tag ids → names, as of the last read.
+    fn tag_names(&self) -> HashMap<String, String> {
+        self.tags
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(name, id)| (id.as_str().to_owned(), name.clone()))
+            .collect()
     }
 
     /// Writes the pushed fields of one device: `after` is Golioth's whole document once
@@ -155,6 +172,31 @@ impl GoliothSpoke {
 
 /// A JSON Pointer below `/desired/` as a LightDB path (`~1` → `/` cannot be expressed there
 /// and stays as it is; `~0` → `~`).
+/// Golioth's device as the merge sees it (`names`: tag ids → names).
+fn doc_of(d: crate::cloud::golioth::RemoteDevice, names: &HashMap<String, String>) -> RemoteDoc {
+    let tags: Vec<&str> = d
+        .tag_ids
+        .iter()
+        .map(|id| names.get(id.as_str()).map_or(id.as_str(), String::as_str))
+        .collect();
+    let fields = reconcile::flatten(&json!({
+        "name": d.name,
+        "tags": tags,
+        "enabled": d.enabled,
+        "desired": d.state,
+    }));
+    RemoteDoc {
+        id: d.id.0,
+        hardware_ids: d.hardware_ids,
+        golioth_id: None,
+        fields,
+        remote_at: d.updated_at,
+        version: None,
+        extra: None,
+        deleted: false,
+    }
+}
+
 fn unescape_path(pointer: &str) -> String {
     pointer
         .split('/')

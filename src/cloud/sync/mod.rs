@@ -27,6 +27,7 @@
 //! of a value the next run would compute again, bases move only after the cloud took the
 //! write, and a value written but not committed is found equal next time.
 
+mod focus;
 mod golioth;
 mod link;
 mod netneural;
@@ -50,6 +51,7 @@ use crate::config::Config;
 use crate::model::{Target, UnixMillis};
 use crate::reconcile::{Fields, Policy};
 use crate::store::Store;
+pub use focus::{PullRequests, Requested};
 pub use golioth::GoliothSpoke;
 pub use netneural::{Cursors, NetNeuralSpoke};
 
@@ -145,6 +147,8 @@ pub struct SyncLinks {
     /// Rung to start a run at once (`nn-gateway sync now` through SIGUSR1, see
     /// [`crate::daemon`]).
     pub now: Arc<Notify>,
+    /// Single devices to pull at once (the Golioth webhook), when the API takes webhooks.
+    pub pulls: Option<PullRequests>,
     pub shutdown: CancellationToken,
 }
 
@@ -199,6 +203,12 @@ pub fn spawn(
     tracker: &TaskTracker,
 ) {
     let span = tracing::info_span!("sync");
+    let syncer = Arc::new(syncer);
+    if let Some(pulls) = links.pulls.clone() {
+        tracker.spawn(
+            focus::run(syncer.clone(), pulls, links.shutdown.clone()).instrument(span.clone()),
+        );
+    }
     tracker.spawn(
         async move {
             let mut backoff = Backoff::new(RETRY_MIN, interval.max(RETRY_MIN));

@@ -40,12 +40,27 @@ impl Syncer {
     /// # Errors
     /// The store's; nothing of the run is then committed.
     pub async fn run_once(&self) -> Result<RunReport, StoreError> {
+        self.run(None).await
+    }
+
+    /// A run over just these Golioth devices (a webhook said they changed): each is read by
+    /// id and merged against NetNeural's last copy (NetNeural is not read: its cursor and
+    /// the other devices wait for the next full run, so nothing it sent is skipped).
+    ///
+    /// # Errors
+    /// As [`Syncer::run_once`].
+    pub async fn run_focused(&self, golioth_ids: &[String]) -> Result<RunReport, StoreError> {
+        self.run(Some(golioth_ids)).await
+    }
+
+    async fn run(&self, focus: Option<&[String]>) -> Result<RunReport, StoreError> {
         let _one_at_a_time = self.running.lock().await;
         let started = Instant::now();
         let started_at = UnixMillis::now();
         let mut tally = Tally::default();
-        let pulls = self.read(&mut tally.report).await?;
-        let netneural_read = pulls.iter().any(|p| p.target == Some(Target::NetNeural));
+        let pulls = self.read(focus, &mut tally.report).await?;
+        let netneural_read =
+            focus.is_none() && pulls.iter().any(|p| p.target == Some(Target::NetNeural));
         if netneural_read && let Some(nn) = &self.netneural {
             report::apply_remote_resolutions(&self.store, nn, &mut tally.report).await?;
         }
@@ -54,9 +69,18 @@ impl Syncer {
             .iter()
             .flat_map(|p| p.directions.iter().map(|(id, d)| (id.as_str(), *d)))
             .collect();
+        // A focused run merges only the devices Golioth just sent: the others' copies may be
+        // stale, and a merge against a stale copy could overwrite an edit made there.
+        let in_focus = |i: usize| {
+            focus.is_none()
+                || linked.iter().any(|(t, l)| {
+                    *t == Target::Golioth && l.seen.get(&i).is_some_and(|s| s.doc.is_some())
+                })
+        };
         let work: Vec<Work> = devices
             .iter()
             .enumerate()
+            .filter(|(i, _)| in_focus(*i))
             .filter_map(|(i, device)| self.merge(i, device, &linked, &directions, &mut tally))
             .collect();
         let pushed = self.push_all(&devices, &work).await;
@@ -77,9 +101,30 @@ impl Syncer {
         Ok(report)
     }
 
-    /// Reads both clouds at once; a cloud whose read fails is left out (and named in the
-    /// report).
-    async fn read(&self, report: &mut RunReport) -> Result<Vec<Pull>, StoreError> {
+    /// Reads both clouds at once (focused: just those Golioth devices); a cloud whose read
+    /// fails is left out (and named in the report).
+    async fn read(
+        &self,
+        focus: Option<&[String]>,
+        report: &mut RunReport,
+    ) -> Result<Vec<Pull>, StoreError> {
+        if let Some(ids) = focus {
+            let mut pulls = Vec::new();
+            if let Some(g) = &self.golioth {
+                match g.pull_devices(ids).await {
+                    Ok(p) => pulls.push(p),
+                    Err(e) => report.errors.push(e.for_sync()),
+                }
+            }
+            if self.netneural.is_some() {
+                // Nothing read: its devices merge against their last copies.
+                pulls.push(Pull {
+                    target: Some(Target::NetNeural),
+                    ..Pull::default()
+                });
+            }
+            return Ok(pulls);
+        }
         let cursors = self
             .store
             .call(|db| {
