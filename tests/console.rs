@@ -16,21 +16,20 @@
 
 mod fakes;
 mod support;
+mod world;
 
+use std::io::{BufRead as _, Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use fakes::rig::{clouds, with_keys};
-use fakes::{FakeGolioth, FakeNetNeural, Fault, Match};
+use fakes::{Fault, Match};
 use serde_json::{Value, json};
-use std::io::{BufRead as _, Read as _, Write as _};
-use support::{Device, Site};
+use support::Device;
+use world::*;
 
-const WAIT: Duration = Duration::from_secs(20);
 /// How long the script may stay silent (a step of its own, one browser wait and a margin).
 const SCRIPT_SILENCE: Duration = Duration::from_secs(60);
-const TOKEN: &str = "console-test-token-6f1c2a";
 /// The device whose desired document the console edits, and the one that gets a conflict.
 const EDITED: &str = "lamp-1";
 const CONFLICTED: &str = "lamp-2";
@@ -58,146 +57,60 @@ fn prerequisites(browser_dir: &Path) -> Result<PathBuf, String> {
     Ok(chromium)
 }
 
-struct World {
-    site: Site,
-    golioth: FakeGolioth,
-    nn: FakeNetNeural,
+/// The shared world (`tests/world`) and what the console test adds to it.
+struct Scene {
+    w: World,
+    /// The API's base URL and the token the daemon made beside its database.
     base: String,
+    token: String,
     http: reqwest::Client,
     /// Publishes the devices' reported state.
     publisher: Device,
 }
 
-impl World {
-    async fn api(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-        let mut req = self
+impl Scene {
+    async fn api(&self, method: reqwest::Method, path: &str) -> Value {
+        let r = self
             .http
             .request(method, format!("{}{path}", self.base))
-            .bearer_auth(TOKEN);
-        if let Some(body) = body {
-            req = req.json(&body);
-        }
-        let r = req.send().await.unwrap();
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
         let status = r.status();
         let text = r.text().await.unwrap();
         assert!(status.is_success(), "{path}: {status} {text}");
-        serde_json::from_str(&text).unwrap_or(Value::Null)
-    }
-
-    fn golioth_id(&self, key: &str) -> Option<String> {
-        self.golioth
-            .device_by_hardware_id(key)
-            .map(|d| d["id"].as_str().unwrap().to_owned())
-    }
-
-    fn nn_id(&self, key: &str) -> Option<String> {
-        self.nn.rows("devices").into_iter().find_map(|d| {
-            d["hardware_ids"]
-                .as_array()
-                .is_some_and(|ids| ids.contains(&Value::from(key)))
-                .then(|| d["id"].as_str().unwrap().to_owned())
-        })
-    }
-
-    fn nn_desired(&self, key: &str) -> Value {
-        let id = self.nn_id(key).unwrap();
-        self.nn.row("devices", &id).unwrap()["metadata"]["desired"].clone()
-    }
-
-    /// One sync run, started now (SIGUSR1 to this process, as `nn-gateway sync now` does).
-    async fn sync(&self) {
-        let db = self.site.gw.db.clone();
-        tokio::task::spawn_blocking(move || nn_gateway::cli::sync_now(&db, WAIT).unwrap())
-            .await
-            .unwrap();
+        serde_json::from_str(&text).unwrap()
     }
 }
 
-/// Polls `check` until it returns `Some`, or panics naming `what`.
-async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "not within {WAIT:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// The gateway with both clouds, two devices registered and linked in both, and the API on
-/// a free port with the test's token.
-async fn world() -> World {
-    let golioth = FakeGolioth::start().await;
-    let nn = FakeNetNeural::start().await;
-    let site = Site::start_with("gw-console", |cfg, dir| {
-        clouds(cfg, dir, Some(&golioth), Some(&nn));
-        cfg.sync.interval = Duration::from_secs(3600);
-        let token_file = dir.join("console-token");
-        std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
-        cfg.api.enabled = true; // on port 0 (support::config)
-        cfg.api.token_file = Some(token_file);
-        // As `Config::load` reads it (the rig builds its config by hand).
-        cfg.api.token = Some(nn_gateway::config::Secret::new(TOKEN.to_owned()));
-        *cfg = with_keys(cfg.clone());
-    })
-    .await;
+/// The gateway with both clouds, [`EDITED`] registered and linked in both, and its API on a
+/// port of its own (`support::config`) guarded by the token it made at its start.
+async fn scene() -> Scene {
+    let w = world("gw-console", |_| {}).await;
+    registered(&w, EDITED).await;
     nn_gateway::cloud::install_crypto_provider();
-    let http = reqwest::Client::builder().timeout(WAIT).build().unwrap();
-    let publisher = site.device("console-pub").await;
-    let w = World {
-        base: format!("http://127.0.0.1:{}", site.gw.api_port),
-        site,
-        golioth,
-        nn,
-        http,
+    let token_file = w.site.dir.path().join(nn_gateway::api::TOKEN_FILE_NAME);
+    let token = std::fs::read_to_string(token_file)
+        .unwrap()
+        .trim()
+        .to_owned();
+    let publisher = w.site.device("console-pub").await;
+    Scene {
+        base: format!("http://127.0.0.1:{}", w.site.gw.api_port),
+        token,
+        http: reqwest::Client::builder().timeout(WAIT).build().unwrap(),
         publisher,
-    };
-    for key in [EDITED, CONFLICTED] {
-        w.publisher
-            .publish(&format!("devices/{key}/state"), r#"{"on":false}"#)
-            .await;
+        w,
     }
-    let db = w.site.gw.db.clone();
-    eventually("both devices linked to both clouds in the mirror", || {
-        let conn = rusqlite::Connection::open(&db).ok()?;
-        let linked: i64 = conn
-            .query_row(
-                "SELECT count(*) FROM device WHERE key IN (?1, ?2)
-                   AND golioth_id IS NOT NULL AND netneural_id IS NOT NULL",
-                [EDITED, CONFLICTED],
-                |r| r.get(0),
-            )
-            .ok()?;
-        (linked == 2).then_some(())
-    })
-    .await;
-    w.sync().await;
-    w
 }
 
-/// Makes a conflict on `/desired/led` of [`CONFLICTED`]: agreed "off" everywhere, then "red"
-/// in Golioth and "blue" in NetNeural before the next run. Returns what the console must show.
-async fn make_conflict(w: &World) -> Value {
-    w.api(
-        reqwest::Method::PUT,
-        &format!("/api/v1/devices/{CONFLICTED}/desired"),
-        Some(json!({"led": "off"})),
-    )
-    .await;
-    w.sync().await;
-    let gid = w.golioth_id(CONFLICTED).unwrap();
-    assert_eq!(
-        w.golioth.state(&gid, "desired"),
-        Some(json!({"led": "off"}))
-    );
-    w.golioth.set_state(&gid, "desired", json!({"led": "red"}));
-    let nid = w.nn_id(CONFLICTED).unwrap();
-    let mut metadata = w.nn.row("devices", &nid).unwrap()["metadata"].clone();
-    metadata["desired"] = json!({"led": "blue"});
-    w.nn.edit_device(&nid, json!({ "metadata": metadata }));
-    w.sync().await;
-    let pending = w.api(reqwest::Method::GET, "/api/v1/conflicts", None).await;
+/// Makes a conflict on `/desired/led` of [`CONFLICTED`] (agreed "off" everywhere, then "red"
+/// in Golioth and "blue" in NetNeural before the next run); returns what the console must
+/// show of it.
+async fn make_conflict(s: &Scene) -> Value {
+    conflict(&s.w, CONFLICTED).await;
+    let pending = s.api(reqwest::Method::GET, "/api/v1/conflicts").await;
     let pending = pending.as_array().unwrap();
     assert_eq!(pending.len(), 1, "one conflict: {pending:#?}");
     let c = &pending[0];
@@ -209,29 +122,33 @@ async fn make_conflict(w: &World) -> Value {
 }
 
 /// Waits for the console's resolution (`value`) to land in both clouds.
-async fn resolution_lands(w: &World, id: &Value, value: &Value) {
+async fn resolution_lands(s: &Scene, id: &Value, value: &Value) {
+    let w = &s.w;
     let want = json!({ "led": value });
-    let gid = w.golioth_id(CONFLICTED).unwrap();
+    let gid = w.golioth.device_by_hardware_id(CONFLICTED).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     // The API asked the daemon for a run; one more settles NetNeural's side for certain.
     eventually("the resolution in Golioth", || {
         (w.golioth.state(&gid, "desired").as_ref() == Some(&want)).then_some(())
     })
     .await;
-    w.sync().await;
-    assert_eq!(w.nn_desired(CONFLICTED), want, "in NetNeural");
-    let c = w
-        .api(
-            reqwest::Method::GET,
-            &format!("/api/v1/conflicts/{id}"),
-            None,
-        )
+    sync(&w.site.gw.db).await;
+    let nid = nn_device(&w.nn.rows("devices"), CONFLICTED).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(nn_desired(&w.nn, &nid), want, "in NetNeural");
+    let c = s
+        .api(reqwest::Method::GET, &format!("/api/v1/conflicts/{id}"))
         .await;
     assert_eq!(c["status"], "resolved", "{c}");
     assert_eq!(&c["resolved_value"], value, "{c}");
 }
 
 /// The console's files are served without a token, as what they are; the API's data is not.
-async fn console_files_are_open_and_the_api_is_not(w: &World) {
+async fn console_files_are_open_and_the_api_is_not(w: &Scene) {
     for (path, kind) in [
         ("/", "text/html"),
         ("/console/app.js", "text/javascript"),
@@ -286,8 +203,9 @@ async fn an_operator_sees_and_acts_on_the_gateway_through_the_console_in_a_real_
         Err(missing) => return support::skip("the console's browser test", &missing),
     };
     let started = Instant::now();
-    let w = world().await;
-    console_files_are_open_and_the_api_is_not(&w).await;
+    let s = scene().await;
+    let w = &s.w;
+    console_files_are_open_and_the_api_is_not(&s).await;
     let mut sub = Device::connect(w.site.broker.port, "console-device").await;
     sub.client
         .subscribe(
@@ -301,15 +219,15 @@ async fn an_operator_sees_and_acts_on_the_gateway_through_the_console_in_a_real_
     let secrets = [
         fakes::golioth::DEFAULT_KEY,
         fakes::netneural::DEFAULT_KEY,
-        TOKEN,
+        s.token.as_str(),
     ]
     .join(",");
     let mut child = support::KillOnDrop(
         std::process::Command::new("node")
             .arg("console.mjs")
             .current_dir(&browser_dir)
-            .env("CONSOLE_URL", &w.base)
-            .env("CONSOLE_TOKEN", TOKEN)
+            .env("CONSOLE_URL", &s.base)
+            .env("CONSOLE_TOKEN", &s.token)
             .env("CONSOLE_SECRETS", secrets)
             .env("CONSOLE_DEVICE", EDITED)
             .env("CONSOLE_SCREENSHOTS", &shots)
@@ -355,7 +273,7 @@ async fn an_operator_sees_and_acts_on_the_gateway_through_the_console_in_a_real_
             "golioth-down" => {
                 w.golioth.faults().always(Match::any(), Fault::status(503));
                 // Something for the lane to send, so it finds out.
-                w.publisher
+                s.publisher
                     .publish(&format!("devices/{EDITED}/state"), r#"{"on":true}"#)
                     .await;
                 json!({})
@@ -374,9 +292,9 @@ async fn an_operator_sees_and_acts_on_the_gateway_through_the_console_in_a_real_
                 device_receives(&mut sub, EDITED, &data["desired"]).await;
                 json!({})
             }
-            "make-conflict" => make_conflict(&w).await,
+            "make-conflict" => make_conflict(&s).await,
             "conflict-resolved" => {
-                resolution_lands(&w, &data["id"], &data["value"]).await;
+                resolution_lands(&s, &data["id"], &data["value"]).await;
                 json!({})
             }
             other => panic!("console.mjs asked for an unknown step {other}"),
@@ -421,5 +339,5 @@ async fn an_operator_sees_and_acts_on_the_gateway_through_the_console_in_a_real_
         "{transcript}console browser test: {:?} in all",
         started.elapsed()
     );
-    w.site.gw.stop().await;
+    s.w.site.gw.stop().await;
 }
