@@ -556,14 +556,23 @@ function syncScreen(root) {
   const cloudSel = select('sync-filter-cloud', 'Cloud', [['', 'all'], ['golioth', 'Golioth'], ['netneural', 'NetNeural'], ['mirror', 'mirror']]);
   const outcomeSel = select('sync-filter-outcome', 'Outcome', [['', 'all'], ['completed', 'completed'], ['partial', 'partial'], ['failed', 'failed']]);
   const value = (label) => label.querySelector('select').value;
-  for (const l of [cloudSel, outcomeSel]) l.addEventListener('change', () => refreshNow());
+  const limit = 50;
+  /** Keyset paging: `before` is the last id of the page above; `above` the `before`s of the
+   * pages passed on the way down, for "Newer". */
+  let before = null;
+  let above = [];
+  for (const l of [cloudSel, outcomeSel]) {
+    l.addEventListener('change', () => { before = null; above = []; refreshNow(); });
+  }
   const list = h('div', { testid: 'sync-log' });
-  root.append(h('div', { class: 'head' }, h('h1', {}, 'Sync history'), h('div', { class: 'filters' }, cloudSel, outcomeSel)), list);
+  const pager = h('div', { class: 'pager' });
+  root.append(h('div', { class: 'head' }, h('h1', {}, 'Sync history'), h('div', { class: 'filters' }, cloudSel, outcomeSel)), list, pager);
   return {
     async refresh() {
-      const params = new URLSearchParams({ limit: '100' });
+      const params = new URLSearchParams({ limit: String(limit) });
       if (value(cloudSel)) params.set('cloud', value(cloudSel));
       if (value(outcomeSel)) params.set('outcome', value(outcomeSel));
+      if (before !== null) params.set('before', String(before));
       const rows = await api('GET', `/api/v1/sync-log?${params}`);
       list.replaceChildren(rows.length
         ? table('sync-table', ['When', 'Cloud', 'Operation', 'Device', 'Count', 'Conflicts', 'Outcome', 'Duration', 'Error'],
@@ -574,6 +583,12 @@ function syncScreen(root) {
               String(r.conflicts), badge(r.outcome), `${r.duration_ms} ms`, r.error ? h('span', { class: 'bad' }, r.error) : null],
           })))
         : h('p', { class: 'empty', testid: 'sync-empty' }, 'No sync log rows match.'));
+      const newer = () => { before = above.pop() ?? null; refreshNow(); };
+      const older = () => { above.push(before); before = rows[rows.length - 1].id; refreshNow(); };
+      pager.replaceChildren(
+        h('button', { class: 'secondary', testid: 'sync-newer', disabled: before === null, onclick: newer }, 'Newer'),
+        h('button', { class: 'secondary', testid: 'sync-older', disabled: rows.length < limit, onclick: older }, 'Older'),
+      );
     },
   };
 }
