@@ -199,7 +199,8 @@ let again = false;
 
 function route() {
   const [name, ...rest] = location.hash.replace(/^#\/?/, '').split('/');
-  const param = rest.length ? decodeURIComponent(rest.join('/')) : null;
+  let param = rest.join('/') || null;
+  try { param = param && decodeURIComponent(param); } catch { param = null; } // a mangled link
   const screen = name === 'devices' && param !== null ? 'device' : name;
   const make = SCREENS[screen];
   if (!make) { location.hash = '#/overview'; return; }
