@@ -59,6 +59,7 @@ pub mod downlink;
 pub mod health;
 pub mod heartbeat;
 pub mod ingest;
+pub mod metrics;
 pub mod model;
 pub mod mqtt;
 pub mod notify;
