@@ -49,6 +49,11 @@
 //!   `dead` (from the database).
 //! - `nngw_outbox_oldest_pending_age_seconds{cloud}` — age of the oldest row not yet delivered
 //!   (pending or in flight); 0 when there is none (from the database).
+//! - `nngw_telemetry_backlog_points{cloud}` — telemetry points above the cloud's delivery
+//!   cursor, not yet settled there (telemetry is owed through the cursor, not outbox rows); only
+//!   for clouds that take telemetry (`netneural`) (from the database).
+//! - `nngw_telemetry_oldest_undelivered_age_seconds{cloud}` — age (since reception) of the
+//!   oldest of those points; 0 when there is none (from the database).
 //!
 //! The rest:
 //! - `nngw_mqtt_connected` — 1 while the link to the site broker is up (from [`Health`]).
@@ -218,6 +223,8 @@ struct Inner {
     lane_state: Family<CloudStateLabels, Gauge>,
     outbox_rows: Family<CloudStateLabels, Gauge>,
     oldest_pending: Family<CloudLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    telemetry_backlog: Family<CloudLabels, Gauge>,
+    telemetry_oldest: Family<CloudLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// Aged out, dropped delivered, dropped undelivered.
     retention_deleted: [Counter; 3],
     mqtt_connected: Gauge,
@@ -317,6 +324,19 @@ impl Metrics {
             oldest_pending.clone(),
         );
 
+        let telemetry_backlog = Family::<CloudLabels, Gauge>::default();
+        registry.register(
+            "nngw_telemetry_backlog_points",
+            "Telemetry points above a cloud's delivery cursor, not yet settled there",
+            telemetry_backlog.clone(),
+        );
+        let telemetry_oldest = Family::<CloudLabels, Gauge<f64, _>>::default();
+        registry.register(
+            "nngw_telemetry_oldest_undelivered_age_seconds",
+            "Age of the oldest telemetry point a cloud has not settled, 0 if none",
+            telemetry_oldest.clone(),
+        );
+
         let retention_family = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "nngw_telemetry_deleted",
@@ -368,6 +388,8 @@ impl Metrics {
             lane_state,
             outbox_rows,
             oldest_pending,
+            telemetry_backlog,
+            telemetry_oldest,
             retention_deleted,
             mqtt_connected,
             conflicts_pending,
@@ -379,6 +401,9 @@ impl Metrics {
         metrics.refresh_health(&Health::default());
         for target in Target::ALL {
             metrics.set_outbox(target, &[], None);
+            if target.takes_telemetry() {
+                metrics.set_telemetry_backlog(target, 0, None);
+            }
         }
         metrics
     }
@@ -461,7 +486,8 @@ impl Metrics {
     }
 
     /// Reads the gauges that live in the database: outbox rows per cloud and state, the age of
-    /// each cloud's oldest undelivered row, conflicts pending, the database's and WAL's sizes.
+    /// each cloud's oldest undelivered row, the telemetry backlog and its age, conflicts
+    /// pending, the database's and WAL's sizes.
     /// Blocking (SQLite): call it off the async executor, on a connection of its own
     /// ([`Db::open_readonly`]), so a scrape never waits behind the store thread's queue.
     ///
@@ -470,6 +496,9 @@ impl Metrics {
     pub fn refresh_from(&self, db: &Db) -> Result<(), StoreError> {
         let gauges = db.gauges()?;
         let now = crate::model::UnixMillis::now();
+        let age = |at: crate::model::UnixMillis| {
+            Duration::from_millis(u64::try_from(now.0 - at.0).unwrap_or(0))
+        };
         for target in Target::ALL {
             let rows: Vec<(&str, i64)> = gauges
                 .outbox
@@ -481,8 +510,15 @@ impl Metrics {
                 .oldest_undelivered
                 .iter()
                 .find(|(t, _)| t == target.as_str())
-                .map(|(_, at)| Duration::from_millis(u64::try_from(now.0 - at.0).unwrap_or(0)));
+                .map(|(_, at)| age(*at));
             self.set_outbox(target, &rows, oldest);
+            if let Some(b) = gauges
+                .telemetry_backlog
+                .iter()
+                .find(|b| b.target == target.as_str())
+            {
+                self.set_telemetry_backlog(target, b.points, b.oldest.map(age));
+            }
         }
         let m = &self.0;
         m.conflicts_pending.set(gauges.conflicts_pending);
@@ -506,6 +542,17 @@ impl Metrics {
         }
         m.oldest_pending
             .get_or_create(&CloudLabels { cloud })
+            .set(oldest.unwrap_or_default().as_secs_f64());
+    }
+
+    fn set_telemetry_backlog(&self, target: Target, points: i64, oldest: Option<Duration>) {
+        let labels = CloudLabels {
+            cloud: target.as_str(),
+        };
+        let m = &self.0;
+        m.telemetry_backlog.get_or_create(&labels).set(points);
+        m.telemetry_oldest
+            .get_or_create(&labels)
             .set(oldest.unwrap_or_default().as_secs_f64());
     }
 

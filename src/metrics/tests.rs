@@ -79,6 +79,8 @@ fn every_family_is_exposed_with_its_labels_before_anything_happens() {
         r#"nngw_cloud_lane_state{cloud="golioth",state="online"}"#,
         r#"nngw_outbox_rows{cloud="netneural",state="dead"}"#,
         r#"nngw_outbox_oldest_pending_age_seconds{cloud="golioth"}"#,
+        r#"nngw_telemetry_backlog_points{cloud="netneural"}"#,
+        r#"nngw_telemetry_oldest_undelivered_age_seconds{cloud="netneural"}"#,
         r#"nngw_telemetry_deleted_total{reason="size_undelivered"}"#,
         "nngw_mqtt_connected",
         "nngw_conflicts_pending",
@@ -103,6 +105,8 @@ fn every_family_is_exposed_with_its_labels_before_anything_happens() {
     assert!(text.contains("# TYPE nngw_store_commit_duration_seconds histogram\n"));
     assert!(text.contains("# TYPE nngw_build_info gauge\n"));
     assert!(!text.contains("_total_total"), "{text}");
+    // Golioth takes no telemetry: no backlog series for it.
+    assert!(!text.contains(r#"nngw_telemetry_backlog_points{cloud="golioth"}"#));
     // Prometheus' text format, not OpenMetrics (whose `# EOF` Prometheus 0.0.4 does not know).
     assert!(!text.contains("# EOF"));
 }
@@ -270,9 +274,9 @@ fn outbox_conflicts_and_file_sizes_are_read_from_the_database() {
     assert_eq!(value(&metrics, &pending("golioth")), 0.0);
     assert!(value(&metrics, "nngw_database_bytes") > 0.0);
 
-    // A reported state owes one row to each cloud.
-    let results = db.apply_batch(&[state(Origin::Mqtt)]);
-    assert!(results[0].is_ok(), "{results:?}");
+    // A reported state owes one row to each cloud, a telemetry point one to NetNeural.
+    let results = db.apply_batch(&[state(Origin::Mqtt), telemetry(Origin::Mqtt)]);
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
     std::thread::sleep(Duration::from_millis(20));
     metrics.refresh_from(&db).unwrap();
     assert_eq!(value(&metrics, &pending("golioth")), 1.0);
@@ -280,6 +284,18 @@ fn outbox_conflicts_and_file_sizes_are_read_from_the_database() {
     let age = value(
         &metrics,
         r#"nngw_outbox_oldest_pending_age_seconds{cloud="golioth"}"#,
+    );
+    assert!((0.015..60.0).contains(&age), "{age}");
+    assert_eq!(
+        value(
+            &metrics,
+            r#"nngw_telemetry_backlog_points{cloud="netneural"}"#
+        ),
+        1.0
+    );
+    let age = value(
+        &metrics,
+        r#"nngw_telemetry_oldest_undelivered_age_seconds{cloud="netneural"}"#,
     );
     assert!((0.015..60.0).contains(&age), "{age}");
     assert!(value(&metrics, "nngw_database_wal_bytes") > 0.0);

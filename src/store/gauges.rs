@@ -1,11 +1,14 @@
 //! What `/metrics` reads from the database at each scrape (see
 //! [`crate::metrics::Metrics::refresh_from`]): outbox rows per cloud and state, each cloud's
-//! oldest undelivered row, conflicts pending, file sizes.
+//! oldest undelivered row, the telemetry backlog above each cloud's cursor, conflicts
+//! pending, file sizes.
 //!
-//! Blocking; a method on [`Db`]. Every query is an index scan of the outbox or the conflicts,
-//! never of telemetry, so a scrape stays cheap however much telemetry is kept.
+//! Blocking; a method on [`Db`]. Telemetry is only read above each delivery cursor (a range
+//! of its primary key), so a scrape costs what is owed, not what is kept.
 
 use std::path::PathBuf;
+
+use rusqlite::OptionalExtension;
 
 use super::StoreError;
 use super::db::Db;
@@ -19,9 +22,20 @@ pub struct Gauges {
     pub outbox: Vec<OutboxCount>,
     /// Per cloud with undelivered rows (pending or in flight): when the oldest was created.
     pub oldest_undelivered: Vec<(String, UnixMillis)>,
+    /// Per cloud that takes telemetry (has a cursor): what is above its cursor.
+    pub telemetry_backlog: Vec<TelemetryBacklog>,
     pub conflicts_pending: i64,
     pub db_bytes: u64,
     pub wal_bytes: u64,
+}
+
+/// Telemetry a cloud has not settled yet (above its delivery cursor).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TelemetryBacklog {
+    pub target: String,
+    pub points: i64,
+    /// When the oldest of them was received; `None` without any.
+    pub oldest: Option<UnixMillis>,
 }
 
 impl Db {
@@ -50,6 +64,30 @@ impl Db {
             )?
             .query_map([], |r| Ok((r.get(0)?, UnixMillis(r.get(1)?))))?
             .collect::<Result<Vec<_>, _>>()?;
+        let cursors = c
+            .prepare_cached(
+                "SELECT target, delivered_through FROM telemetry_cursor ORDER BY target",
+            )?
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut telemetry_backlog = Vec::with_capacity(cursors.len());
+        for (target, through) in cursors {
+            let points = c
+                .prepare_cached("SELECT count(*) FROM telemetry WHERE id > ?1")?
+                .query_row([through], |r| r.get(0))?;
+            let oldest = c
+                .prepare_cached(
+                    "SELECT received_at FROM telemetry WHERE id > ?1 ORDER BY id LIMIT 1",
+                )?
+                .query_row([through], |r| r.get(0))
+                .optional()?
+                .map(UnixMillis);
+            telemetry_backlog.push(TelemetryBacklog {
+                target,
+                points,
+                oldest,
+            });
+        }
         let conflicts_pending = c.query_row(
             "SELECT count(*) FROM conflict WHERE status = 'pending'",
             [],
@@ -61,6 +99,7 @@ impl Db {
         Ok(Gauges {
             outbox,
             oldest_undelivered,
+            telemetry_backlog,
             conflicts_pending,
             db_bytes: size(self.path().to_owned()),
             wal_bytes: size(PathBuf::from(wal)),

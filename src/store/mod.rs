@@ -42,7 +42,7 @@ use crate::metrics::Metrics;
 use crate::model::{Outcome, WriteOp};
 
 pub use db::{Db, OpenOptions, SCHEMA_VERSION};
-pub use gauges::Gauges;
+pub use gauges::{Gauges, TelemetryBacklog};
 pub use outbox::{DeviceIdent, OutboxRow, QueueRow, QueueView, Requeue, TelemetryItem};
 pub use views::{DaemonBeat, DeviceView, RejectedView, Status, TelemetryView};
 pub use write::DEDUP_SPAN;
