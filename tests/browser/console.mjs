@@ -106,6 +106,7 @@ async function overviewShowsACloudGoingOfflineAndBack(page) {
   await until(page, 'cloud-state-netneural', /^online$/);
   await until(page, 'mqtt-state', /^connected$/);
   await until(page, 'disk-use', /database .* WAL/);
+  await until(page, 'ingest-rate', /^\d+\.\d messages\/s$/);
   await shot(page, 'overview');
   await step('golioth-down');
   await until(page, 'cloud-state-golioth', /^offline$/);
