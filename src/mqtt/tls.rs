@@ -150,11 +150,15 @@ mod tests {
     use super::*;
     use rustls::pki_types::{ServerName, UnixTime};
 
-    const CTX: Context<'static> = Context {
-        ca_file: Path::new("/etc/nn-gateway/ca.pem"),
-        server_name: "10.0.0.5",
-        client_cert: false,
-    };
+    const CA: &str = "/etc/nn-gateway/ca.pem";
+
+    fn ctx() -> Context<'static> {
+        Context {
+            ca_file: Path::new(CA),
+            server_name: "10.0.0.5",
+            client_cert: false,
+        }
+    }
 
     /// As tokio-rustls hands a handshake failure to rumqttc.
     fn handshake(e: rustls::Error) -> ConnectionError {
@@ -174,7 +178,7 @@ mod tests {
             expected: ServerName::try_from("10.0.0.5").unwrap(),
             presented: vec!["DNS name \"broker.example\"".into()],
         });
-        let s = explain(&e, CTX).unwrap();
+        let s = explain(&e, ctx()).unwrap();
         assert!(
             s.starts_with(
                 "TLS: the broker's certificate is not valid for name \"10.0.0.5\" (it names DNS name \"broker.example\")"
@@ -186,7 +190,7 @@ mod tests {
 
     #[test]
     fn an_unknown_issuer_names_the_ca_file_and_its_key() {
-        let s = explain(&cert(CertificateError::UnknownIssuer), CTX).unwrap();
+        let s = explain(&cert(CertificateError::UnknownIssuer), ctx()).unwrap();
         assert_eq!(
             s,
             "TLS: the broker's certificate is not signed by the CA in /etc/nn-gateway/ca.pem (mqtt.tls.ca_file)"
@@ -199,7 +203,7 @@ mod tests {
             time: UnixTime::since_unix_epoch(std::time::Duration::from_secs(1_800_000_000)),
             not_after: UnixTime::since_unix_epoch(std::time::Duration::from_secs(1_577_923_200)),
         });
-        let s = explain(&e, CTX).unwrap();
+        let s = explain(&e, ctx()).unwrap();
         assert!(
             s.starts_with(
                 "TLS: the broker's certificate expired (valid until 2020-01-02T00:00:00Z)"
@@ -207,7 +211,7 @@ mod tests {
             "{s}"
         );
         assert_eq!(
-            explain(&cert(CertificateError::Expired), CTX).unwrap(),
+            explain(&cert(CertificateError::Expired), ctx()).unwrap(),
             "TLS: the broker's certificate expired"
         );
     }
@@ -220,14 +224,14 @@ mod tests {
             rustls::Error::AlertReceived(AlertDescription::CertificateRequired),
         )));
         assert_eq!(
-            explain(&late, CTX).unwrap(),
+            explain(&late, ctx()).unwrap(),
             "TLS: the broker requires a client certificate (mqtt.tls.cert_file)"
         );
         let tls12 = handshake(rustls::Error::AlertReceived(
             AlertDescription::HandshakeFailure,
         ));
         assert!(
-            explain(&tls12, CTX)
+            explain(&tls12, ctx())
                 .unwrap()
                 .contains("probably requires a client certificate (mqtt.tls.cert_file)")
         );
@@ -237,7 +241,7 @@ mod tests {
     fn a_refused_client_certificate_is_told_from_a_missing_one() {
         let with_cert = Context {
             client_cert: true,
-            ..CTX
+            ..ctx()
         };
         let unknown_ca = handshake(rustls::Error::AlertReceived(AlertDescription::UnknownCA));
         assert_eq!(
@@ -259,18 +263,18 @@ mod tests {
         let e = handshake(rustls::Error::InvalidMessage(
             rustls::InvalidMessage::InvalidContentType,
         ));
-        assert!(explain(&e, CTX).unwrap().contains("8883"));
+        assert!(explain(&e, ctx()).unwrap().contains("8883"));
     }
 
     #[test]
     fn failures_that_are_not_tls_are_left_to_the_caller() {
         let refused =
             ConnectionError::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
-        assert_eq!(explain(&refused, CTX), None);
+        assert_eq!(explain(&refused, ctx()), None);
         let eof = ConnectionError::Tls(rumqttc::TlsError::Io(std::io::Error::from(
             std::io::ErrorKind::UnexpectedEof,
         )));
-        assert_eq!(explain(&eof, CTX), None);
-        assert_eq!(explain(&ConnectionError::NetworkTimeout, CTX), None);
+        assert_eq!(explain(&eof, ctx()), None);
+        assert_eq!(explain(&ConnectionError::NetworkTimeout, ctx()), None);
     }
 }
