@@ -1,11 +1,12 @@
 //! Why a TLS connection to the broker failed, in words an operator acts on. Pure.
 //!
 //! rumqttc hands TLS failures over in several wrappers: `ConnectionError::Tls` around an
-//! `io::Error` around the `rustls::Error` for a failed handshake, and `ConnectionError::Io` or
-//! `MqttState(Io)` for an alert the broker sends after the handshake (with TLS 1.3 a broker
-//! checks the client's certificate after the client has finished, so "certificate required"
-//! arrives with the first read). [`explain`] digs the rustls error out of any of them and
-//! turns it into one sentence naming the certificate problem and the key to look at.
+//! `io::Error` around the `rustls::Error` for a failed handshake, and
+//! `MqttState(Deserialization(Io(…)))` for an alert the broker sends after the handshake (with
+//! TLS 1.3 a broker checks the client's certificate after the client has finished, so
+//! "certificate required" arrives with the first read). [`explain`] digs the rustls error out
+//! of whichever wrapper and turns it into one sentence naming the certificate problem and the
+//! key to look at.
 //!
 //! **Link state.** A certificate problem leaves the link [`LinkState::Refused`], as bad
 //! credentials do: the broker (or we) refused an identity, and retrying will not help until
@@ -36,17 +37,22 @@ pub(super) fn explain(e: &ConnectionError, ctx: Context<'_>) -> Option<String> {
     rustls_error(e).map(|r| sentence(r, ctx))
 }
 
-/// The `rustls::Error` somewhere inside `e`.
+/// The `rustls::Error` somewhere inside `e`, down its chain of sources.
 fn rustls_error(e: &ConnectionError) -> Option<&rustls::Error> {
-    let io = match e {
-        ConnectionError::Tls(rumqttc::TlsError::TLS(r)) => return Some(r),
-        ConnectionError::Tls(rumqttc::TlsError::Io(io))
-        | ConnectionError::Io(io)
-        | ConnectionError::MqttState(rumqttc::StateError::Io(io)) => io,
-        _ => return None,
-    };
-    // `io::Error::source` skips the error it wraps: look at it directly.
-    io.get_ref()?.downcast_ref::<rustls::Error>()
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        if let Some(r) = err.downcast_ref::<rustls::Error>() {
+            return Some(r);
+        }
+        next = match err.downcast_ref::<std::io::Error>() {
+            // `io::Error::source` skips the error it wraps: take that one itself.
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    None
 }
 
 fn sentence(e: &rustls::Error, ctx: Context<'_>) -> String {
@@ -218,11 +224,14 @@ mod tests {
 
     #[test]
     fn a_missing_client_certificate_is_named_whether_tls_1_3_or_1_2_says_so() {
-        // TLS 1.3: the alert arrives on the first read after the handshake.
-        let late = ConnectionError::MqttState(rumqttc::StateError::Io(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            rustls::Error::AlertReceived(AlertDescription::CertificateRequired),
-        )));
+        // TLS 1.3: the alert arrives on the first read after the handshake (as seen from
+        // Mosquitto 2.0.11 with OpenSSL 3.0).
+        let late = ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+            rumqttc::mqttbytes::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                rustls::Error::AlertReceived(AlertDescription::CertificateRequired),
+            )),
+        ));
         assert_eq!(
             explain(&late, ctx()).unwrap(),
             "TLS: the broker requires a client certificate (mqtt.tls.cert_file)"
