@@ -64,7 +64,8 @@ fn sentence(e: &rustls::Error, ctx: Context<'_>) -> String {
                 let names = if presented.is_empty() {
                     "no names at all".to_owned()
                 } else {
-                    presented.join(", ")
+                    let names: Vec<&str> = presented.iter().map(|p| plain_name(p)).collect();
+                    names.join(", ")
                 };
                 format!(
                     "the broker's certificate is not valid for name {name:?} (it names {names}); \
@@ -108,6 +109,20 @@ fn sentence(e: &rustls::Error, ctx: Context<'_>) -> String {
         other => other.to_string(),
     };
     format!("TLS: {s}")
+}
+
+/// `broker.example` for webpki's `DnsName("broker.example")`, `10.0.0.5` for
+/// `IpAddress(10.0.0.5)`: the names as the operator wrote them in the certificate request.
+fn plain_name(presented: &str) -> &str {
+    presented
+        .strip_prefix("DnsName(\"")
+        .and_then(|rest| rest.strip_suffix("\")"))
+        .or_else(|| {
+            presented
+                .strip_prefix("IpAddress(")
+                .and_then(|rest| rest.strip_suffix(')'))
+        })
+        .unwrap_or(presented)
 }
 
 fn alert_sentence(alert: AlertDescription, ctx: Context<'_>) -> String {
@@ -182,12 +197,16 @@ mod tests {
     fn a_wrong_name_says_which_name_was_checked_and_which_the_certificate_has() {
         let e = cert(CertificateError::NotValidForNameContext {
             expected: ServerName::try_from("10.0.0.5").unwrap(),
-            presented: vec!["DNS name \"broker.example\"".into()],
+            // As webpki 0.103 presents them.
+            presented: vec![
+                "DnsName(\"broker.example\")".into(),
+                "IpAddress(10.0.0.6)".into(),
+            ],
         });
         let s = explain(&e, ctx()).unwrap();
         assert!(
             s.starts_with(
-                "TLS: the broker's certificate is not valid for name \"10.0.0.5\" (it names DNS name \"broker.example\")"
+                "TLS: the broker's certificate is not valid for name \"10.0.0.5\" (it names broker.example, 10.0.0.6)"
             ),
             "{s}"
         );
