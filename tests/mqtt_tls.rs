@@ -416,7 +416,9 @@ fn check_config_refuses_tls_files_it_cannot_use_naming_the_key_and_the_file() {
     };
     std::fs::write(pki.path("notes.txt"), "not a certificate\n").unwrap();
     std::fs::write(pki.path("empty.pem"), "\n").unwrap();
-    let cases: [(&[(&str, &str)], &str, &str, &str); 7] = [
+    // (the `[mqtt.tls]` keys set to files, the key blamed, the file named, the problem)
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str, &'a str);
+    let cases: [Case; 7] = [
         (&[], "mqtt.tls.ca_file", "", "is required"),
         (
             &[("ca_file", "missing.pem")],
