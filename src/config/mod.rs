@@ -8,7 +8,9 @@
 //!
 //! Secrets (the MQTT password, the cloud API keys) never live in this file: they are read from
 //! a file named by `*_file` keys or from systemd credentials (`$CREDENTIALS_DIRECTORY/<name>`),
-//! held in [`Secret`], and printed as `<redacted>` everywhere.
+//! held in [`Secret`], and printed as `<redacted>` everywhere. The MQTT TLS client key is read
+//! from `mqtt.tls.key_file` the same way, at load time, and only its path is ever shown
+//! (see [`MqttTlsConfig`]).
 
 use std::fmt;
 use std::net::SocketAddr;

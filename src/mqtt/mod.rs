@@ -53,6 +53,12 @@
 //! lasted `STABLE_AFTER` (30 s), so a broker that keeps dropping us, or a full disk that makes us
 //! drop the connection, cannot turn into a reconnect storm.
 //!
+//! **TLS** (`[mqtt.tls]`): the configuration holds a rustls `ClientConfig` built from the
+//! certificate files at load time ([`crate::config::TlsClient`]), handed to rumqttc as its
+//! transport. When a connection attempt fails for a TLS reason, [`tls`] turns rustls' error into
+//! a sentence naming the certificate problem, logged with the usual "cannot reach broker" line,
+//! kept in [`Health::mqtt_error`] for `status`, and the link is `refused` (see [`tls`] for why).
+//!
 //! Downlink: [`MqttHandle::publish_desired`] hands a desired document to the driver, which
 //! publishes it retained at QoS 1 and matches the broker's PUBACK to it ([`desired`]), then
 //! reports it on the `published` channel so the store can record that the broker holds it.
