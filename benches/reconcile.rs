@@ -218,10 +218,15 @@ async fn world(devices: usize) -> (World, Figures) {
     let store = Store::open(&db, &opts).expect("the store");
     let golioth_key = ApiKey::new(Secret::new(fakes::golioth::DEFAULT_KEY));
     let netneural_key = ApiKey::new(Secret::new(fakes::netneural::DEFAULT_KEY));
-    let syncer =
-        nn_gateway::cloud::sync::syncer(&cfg, store, Some(golioth_key), Some(netneural_key))
-            .expect("the cloud clients")
-            .expect("sync enabled with both clouds");
+    let syncer = nn_gateway::cloud::sync::syncer(
+        &cfg,
+        store,
+        Some(golioth_key),
+        Some(netneural_key),
+        &nn_gateway::metrics::Metrics::new(),
+    )
+    .expect("the cloud clients")
+    .expect("sync enabled with both clouds");
 
     let w = World {
         golioth,

@@ -32,6 +32,7 @@ use crate::cloud::uplink::{GoliothUplink, Identity, NetNeuralUplink};
 use crate::config::Config;
 use crate::health::LaneState;
 use crate::health::{Health, LinkState};
+use crate::metrics::Metrics;
 use crate::model::Target;
 use crate::notify::Notifier;
 use crate::outbox::policy::RetrySchedule;
@@ -68,6 +69,7 @@ async fn spawn_lanes(
     config: &Config,
     store: &Store,
     health: &Health,
+    metrics: &Metrics,
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<Vec<LaneKey>, DaemonError> {
@@ -104,7 +106,7 @@ async fn spawn_lanes(
         let g = &config.golioth;
         let (key, links) = links(Target::Golioth, &g.api_key);
         let uplink = GoliothUplink {
-            client: Golioth::new(g, key)?,
+            client: Golioth::new(g, key)?.with_metrics(metrics.clone()),
             identity: identity.clone(),
             reported_path: g.reported_path.clone(),
         };
@@ -122,7 +124,8 @@ async fn spawn_lanes(
     if config.netneural.enabled {
         let n = &config.netneural;
         let (key, links) = links(Target::NetNeural, &n.api_key);
-        let uplink = NetNeuralUplink::new(NetNeural::new(n, key)?, identity);
+        let client = NetNeural::new(n, key)?.with_metrics(metrics.clone());
+        let uplink = NetNeuralUplink::new(client, identity);
         let lane = LaneConfig {
             concurrency: n.concurrency,
             batch: n.telemetry_batch,
@@ -227,7 +230,7 @@ pub async fn run(
 
 /// [`run`], taking each configuration SIGHUP re-reads from `reloads`: the cloud API keys
 /// (from their files) apply at once; what else changed is named by the signal handler as
-/// needing a restart.
+/// needing a restart. Makes the run's [`Metrics`].
 ///
 /// # Errors
 /// As [`run`].
@@ -238,7 +241,24 @@ pub async fn run_reloadable(
     notifier: Notifier,
     reloads: watch::Receiver<Config>,
 ) -> Result<(), DaemonError> {
-    let store = open_store(&config).await?;
+    let metrics = Metrics::new();
+    run_with_metrics(config, sockets, shutdown, notifier, reloads, metrics).await
+}
+
+/// [`run_reloadable`], counting into `metrics`, which the caller keeps to read them (tests
+/// do; the daemon serves them at `/metrics`).
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with_metrics(
+    config: Config,
+    sockets: Sockets,
+    shutdown: CancellationToken,
+    notifier: Notifier,
+    reloads: watch::Receiver<Config>,
+    metrics: Metrics,
+) -> Result<(), DaemonError> {
+    let store = open_store(&config, metrics.clone()).await?;
     let health = Health::default();
     let tracker = TaskTracker::new();
 
@@ -272,13 +292,14 @@ pub async fn run_reloadable(
         None
     };
 
-    let keys = spawn_lanes(&config, &store, &health, &shutdown, &tracker).await?;
+    let keys = spawn_lanes(&config, &store, &health, &metrics, &shutdown, &tracker).await?;
     let key_of = |t: Target| keys.iter().find(|k| k.target == t).map(|k| k.key.clone());
     let syncer = crate::cloud::sync::syncer(
         &config,
         store.clone(),
         key_of(Target::Golioth),
         key_of(Target::NetNeural),
+        &metrics,
     )?;
     let sync_now = Arc::new(Notify::new());
     // SIGUSR1 (`nn-gateway sync now`, `conflicts resolve`, `desired set`) is always caught,
@@ -320,6 +341,7 @@ pub async fn run_reloadable(
                 golioth,
                 netneural,
                 pulls: pulls.clone(),
+                metrics: metrics.clone(),
             },
         )?;
         crate::api::spawn(listener, api, shutdown.clone(), &tracker);
@@ -355,6 +377,7 @@ pub async fn run_reloadable(
         &config.storage,
         crate::retention::Links {
             store: store.clone(),
+            metrics: metrics.clone(),
             shutdown: shutdown.clone(),
         },
         &tracker,
@@ -416,7 +439,7 @@ async fn sync_signal(
     }
 }
 
-async fn open_store(config: &Config) -> Result<Store, StoreError> {
+async fn open_store(config: &Config, metrics: Metrics) -> Result<Store, StoreError> {
     let mut targets = Vec::new();
     if config.golioth.enabled {
         targets.push(Target::Golioth);
@@ -430,7 +453,7 @@ async fn open_store(config: &Config) -> Result<Store, StoreError> {
         rejected_keep: config.storage.rejected_keep,
     };
     let path = config.storage.path.clone();
-    tokio::task::spawn_blocking(move || Store::open(&path, &opts))
+    tokio::task::spawn_blocking(move || Store::open_with_metrics(&path, &opts, metrics))
         .await
         .map_err(|e| StoreError::Open {
             path: config.storage.path.clone(),

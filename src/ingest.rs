@@ -2,12 +2,12 @@
 //!
 //! Pure. MQTT and CoAP each find the device and the kind of message in their own address
 //! (topic or path), then call [`decode_reading`]; whatever it refuses becomes a
-//! [`crate::model::Rejection`] with the reason it returns.
+//! [`crate::model::Rejection`] with the cause and reason it returns ([`Refused`]).
 
 use serde_json::{Map, Value};
 
 use crate::codec::{self, FormatChoice};
-use crate::model::{Format, Point, Reading, UnixMillis};
+use crate::model::{Format, Point, Reading, RejectCause, UnixMillis};
 
 /// Most telemetry points accepted in one message. Bounds the work one message can cause in a
 /// single transaction.
@@ -20,27 +20,45 @@ pub enum Kind {
     Telemetry,
 }
 
+/// A payload [`decode_reading`] refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refused {
+    /// [`RejectCause::Decode`] (not JSON or CBOR) or [`RejectCause::Invalid`] (not the shape
+    /// its kind needs).
+    pub cause: RejectCause,
+    /// A sentence saying what is wrong with the payload, fit for the rejected table and a log
+    /// line.
+    pub reason: String,
+}
+
 /// Decodes and checks a payload of the given kind.
 ///
 /// # Errors
-/// A sentence saying what is wrong with the payload, fit for the rejected table and a log line.
+/// [`Refused`]: why the payload cannot be used.
 pub fn decode_reading(
     kind: Kind,
     payload: &[u8],
     choice: FormatChoice,
-) -> Result<(Format, Reading), String> {
-    let (format, value) = codec::decode(payload, choice).map_err(|e| e.to_string())?;
+) -> Result<(Format, Reading), Refused> {
+    let (format, value) = codec::decode(payload, choice).map_err(|e| Refused {
+        cause: RejectCause::Decode,
+        reason: e.to_string(),
+    })?;
+    let invalid = |reason| Refused {
+        cause: RejectCause::Invalid,
+        reason,
+    };
     let reading = match kind {
         Kind::State => match value {
             Value::Object(patch) => Reading::State(patch),
             other => {
-                return Err(format!(
+                return Err(invalid(format!(
                     "state must be an object (a JSON Merge Patch), got {}",
                     type_name(&other)
-                ));
+                )));
             }
         },
-        Kind::Telemetry => Reading::Telemetry(points(value)?),
+        Kind::Telemetry => Reading::Telemetry(points(value).map_err(invalid)?),
     };
     Ok((format, reading))
 }
@@ -232,7 +250,13 @@ mod tests {
         ];
         for (kind, payload, want) in cases {
             let err = decode_reading(kind, payload, FormatChoice::Auto).unwrap_err();
-            assert!(err.contains(want), "{err:?} should contain {want:?}");
+            assert!(err.reason.contains(want), "{err:?} should contain {want:?}");
+            let cause = if want.starts_with("neither") {
+                RejectCause::Decode
+            } else {
+                RejectCause::Invalid
+            };
+            assert_eq!(err.cause, cause, "{err:?}");
         }
     }
 

@@ -33,7 +33,7 @@
 //!   from its certificate files) so that what runs later cannot fail on them.
 //! - [`store`]: the SQLite mirror — migrations, all SQL (one file per aggregate: ingest,
 //!   devices and desired state, outbox and telemetry cursors, reconciliation, retention,
-//!   status), and the
+//!   status, the metrics' gauges), and the
 //!   store thread with group commit.
 //! - [`mqtt`]: rumqttc client of the site broker (plain TCP, or TLS with `[mqtt.tls]`) — ingest
 //!   acknowledged after commit, in batches, desired publishes.
@@ -43,6 +43,9 @@
 //! - [`downlink`]: carries desired-state changes from the store to MQTT and CoAP.
 //! - [`notify`]: the systemd notify protocol (READY, WATCHDOG, STATUS, STOPPING).
 //! - [`health`]: shared liveness flags read by the watchdog and the status line.
+//! - [`metrics`]: the Prometheus registry every part counts into (ingest and commits, cloud
+//!   requests, retention), plus gauges read from the store and [`health`] at each scrape;
+//!   one per daemon run, no global.
 //! - [`heartbeat`]: the daemon's beat in the database for operator commands, WATCHDOG=1 while
 //!   the store answers, STATUS=.
 //! - [`retention`]: the task that has the store enforce telemetry retention every minute.
@@ -65,6 +68,7 @@ pub mod downlink;
 pub mod health;
 pub mod heartbeat;
 pub mod ingest;
+pub mod metrics;
 pub mod model;
 pub mod mqtt;
 pub mod notify;

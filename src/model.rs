@@ -192,6 +192,46 @@ pub struct Inbound {
     pub mqtt: Option<MqttDelivery>,
 }
 
+/// Why a message was refused, as one word from a fixed set: what metrics count rejections by
+/// (bounded, unlike [`Rejection::reason`], the sentence for people, which quotes the message).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RejectCause {
+    /// The MQTT topic matches no configured template.
+    Topic,
+    /// The device key in the topic or path is not a valid [`DeviceKey`].
+    DeviceKey,
+    /// Over the transport's `max_message_size`, or sent block-wise (CoAP).
+    TooLarge,
+    /// Not JSON or CBOR, or a CoAP Content-Format the gateway does not take.
+    Decode,
+    /// Decoded, but not the shape its kind needs (state not an object, bad telemetry points).
+    Invalid,
+    /// Well-formed, but the store cannot take it (a value SQLite refuses): kept as rejected.
+    Unstorable,
+}
+
+impl RejectCause {
+    pub const ALL: [RejectCause; 6] = [
+        RejectCause::Topic,
+        RejectCause::DeviceKey,
+        RejectCause::TooLarge,
+        RejectCause::Decode,
+        RejectCause::Invalid,
+        RejectCause::Unstorable,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectCause::Topic => "topic",
+            RejectCause::DeviceKey => "device_key",
+            RejectCause::TooLarge => "too_large",
+            RejectCause::Decode => "decode",
+            RejectCause::Invalid => "invalid",
+            RejectCause::Unstorable => "unstorable",
+        }
+    }
+}
+
 /// A message that could not be used, kept so an operator can see what arrived and why it was
 /// refused.
 #[derive(Clone, Debug, PartialEq)]
@@ -201,6 +241,9 @@ pub struct Rejection {
     pub device: Option<String>,
     /// The MQTT topic or CoAP path.
     pub locator: String,
+    /// Why, in one fixed word (for metrics).
+    pub cause: RejectCause,
+    /// Why, as a sentence naming the problem (for the rejected table and logs).
     pub reason: String,
     pub size: usize,
     /// The first bytes of the payload, for diagnosis.

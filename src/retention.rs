@@ -7,12 +7,15 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::StorageConfig;
+use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::store::retention::{CHUNK, Policy, RETENTION_EVERY, Report};
 
 /// What the retention task is connected to inside the daemon.
 pub struct Links {
     pub store: Store,
+    /// Counts what each pass deleted.
+    pub metrics: Metrics,
     pub shutdown: CancellationToken,
 }
 
@@ -33,18 +36,19 @@ async fn run(policy: Policy, links: Links) {
     loop {
         tokio::select! {
             () = links.shutdown.cancelled() => return,
-            _ = ticker.tick() => enforce_retention(&links.store, policy).await,
+            _ = ticker.tick() => enforce_retention(&links.store, &links.metrics, policy).await,
         }
     }
 }
 
 /// Deletes telemetry past its age or beyond the size ceiling, and says what went. A pass is
 /// bounded; while work is left, the next one follows once the writes queued meanwhile are in.
-async fn enforce_retention(store: &Store, policy: Policy) {
+async fn enforce_retention(store: &Store, metrics: &Metrics, policy: Policy) {
     let mut total = Report::default();
     loop {
         match store.call(move |db| db.enforce_retention(&policy)).await {
             Ok(r) => {
+                metrics.retention_deleted(&r);
                 total.aged_out += r.aged_out;
                 total.dropped_delivered += r.dropped_delivered;
                 total.dropped_undelivered += r.dropped_undelivered;

@@ -98,7 +98,22 @@ const GUARDED: &[(&str, &str)] = &[
     ("POST", "/api/v1/sync"),
     ("POST", "/api/v1/clouds/golioth/test"),
     ("GET", "/api/v1/config"),
+    ("GET", "/metrics"),
 ];
+
+/// Polls `check` until it returns `Some` (20 s at most).
+async fn eventually_async<T, F: std::future::Future<Output = Option<T>>>(
+    mut check: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "not within 20 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
 
 fn error_message(v: &Value) -> &str {
     v["error"]["message"].as_str().unwrap_or_default()
@@ -222,6 +237,12 @@ async fn every_route_answers_with_the_token_and_only_with_it() {
     assert_eq!(status, 200, "{points}");
     assert_eq!(points[0]["payload"], json!({"t": 2}));
     assert_eq!(points.as_array().unwrap().len(), 2);
+    let rate = eventually_async(|| async {
+        let (_, s) = api.get("/api/v1/status").await;
+        s["live"]["ingest_per_s"].as_f64().filter(|r| *r > 0.0)
+    })
+    .await;
+    assert!(rate > 0.0);
     let (status, body) = api.get("/api/v1/devices/lamp-1/telemetry?since=soon").await;
     assert_eq!(status, 400, "{body}");
 

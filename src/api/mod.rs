@@ -15,7 +15,8 @@
 //!   `{"value": …}`; 409 to all but the first), `GET sync-log?cloud=&outcome=&before=&limit=`,
 //!   `POST sync` (202), `POST clouds/{golioth|netneural}/test` (one read request: latency,
 //!   status, the exact error), `GET config` (the effective configuration, secrets left out);
-//! - `GET /metrics` (token) — Prometheus text;
+//! - `GET /metrics` (token) — Prometheus text ([`crate::metrics`]; the gauges read from the
+//!   database and the lanes at each scrape);
 //! - `POST /api/v1/webhooks/golioth` — its own secret, not the token ([`webhook`]).
 //!
 //! The views are [`crate::view`]'s, the CLI's: `status --json` and `GET /api/v1/status` say
@@ -65,6 +66,7 @@ pub struct ApiLinks {
     pub netneural: Option<NetNeural>,
     /// Where the Golioth webhook's pulls go (`None`: no Golioth sync runs).
     pub pulls: Option<crate::cloud::sync::PullRequests>,
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// The API's state, cheap to clone into every handler.
@@ -87,7 +89,13 @@ struct Inner {
     max_body: usize,
     /// `None` when no webhook secret is configured.
     webhook: Option<webhook::Webhook>,
+    metrics: crate::metrics::Metrics,
+    /// (when, messages stored so far), one a second for the last [`RATE_WINDOW`].
+    ingest_samples: Mutex<std::collections::VecDeque<(std::time::Instant, u64)>>,
 }
+
+/// The ingest rate in `status` is over this window.
+const RATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Api {
     /// The API over `links`, its token read or made ([`auth::token`]).
@@ -109,6 +117,8 @@ impl Api {
                 config_toml: config.to_toml(),
                 max_body: config.api.max_body_bytes,
                 webhook: webhook::Webhook::new(config, links.pulls),
+                metrics: links.metrics,
+                ingest_samples: Mutex::default(),
             }),
         })
     }
@@ -180,12 +190,51 @@ impl Api {
         let max_body = self.inner.max_body;
         Router::new()
             .nest("/api/v1", v1)
+            .route(
+                "/metrics",
+                get(routes::metrics).route_layer(axum::middleware::from_fn_with_state(
+                    self.clone(),
+                    auth::require_token,
+                )),
+            )
             .route("/healthz", get(routes::healthz))
             .route("/readyz", get(routes::readyz))
             .fallback(routes::not_found)
             .method_not_allowed_fallback(routes::method_not_allowed)
             .layer(DefaultBodyLimit::max(max_body))
             .with_state(self)
+    }
+}
+
+impl Api {
+    /// Records how many messages are stored so far (once a second, [`spawn`]'s sampler).
+    fn sample_ingest(&self) {
+        let now = std::time::Instant::now();
+        let total = self.inner.metrics.ingested_total();
+        let mut samples = self
+            .inner
+            .ingest_samples
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        samples.push_back((now, total));
+        while samples
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > RATE_WINDOW)
+        {
+            samples.pop_front();
+        }
+    }
+
+    /// Messages stored per second over the last [`RATE_WINDOW`] (`None` in the first second).
+    fn ingest_rate(&self) -> Option<f64> {
+        let samples = self
+            .inner
+            .ingest_samples
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let ((t0, n0), (t1, n1)) = (samples.front()?, samples.back()?);
+        let secs = t1.duration_since(*t0).as_secs_f64();
+        (secs > 0.0).then(|| n1.saturating_sub(*n0) as f64 / secs)
     }
 }
 
@@ -202,6 +251,17 @@ pub fn spawn(listener: TcpListener, api: Api, shutdown: CancellationToken, track
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "HTTP API and console listening");
     }
+    let sampler = api.clone();
+    let stop = shutdown.clone();
+    tracker.spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => sampler.sample_ingest(),
+            }
+        }
+    });
     let app = api.router();
     tracker.spawn(async move {
         let served = axum::serve(listener, app)

@@ -75,7 +75,7 @@ pub async fn status(State(api): State<Api>) -> Answer<view::StatusView> {
     let mut status = api.read(|db| view::status(db, true)).await?;
     status.live = Some(view::Live::of(
         &api.inner.health,
-        None,
+        api.ingest_rate(),
         api.inner.sync_now.is_some(),
     ));
     Ok(Json(status))
@@ -372,6 +372,21 @@ fn disabled(target: Target) -> ApiError {
         target.as_str(),
         target.as_str()
     ))
+}
+
+/// Prometheus text: the counters as they are, the gauges read now.
+pub async fn metrics(State(api): State<Api>) -> Result<Response, ApiError> {
+    let metrics = api.inner.metrics.clone();
+    api.read(move |db| metrics.refresh_from(db)).await?;
+    api.inner.metrics.refresh_health(&api.inner.health);
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
+        api.inner.metrics.encode(),
+    )
+        .into_response())
 }
 
 pub async fn config(State(api): State<Api>) -> Answer<Value> {

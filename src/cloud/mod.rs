@@ -15,6 +15,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use crate::config::{HttpSettings, Secret};
+use crate::metrics::Metrics;
 use crate::model::{Target, UnixMillis};
 
 pub mod golioth;
@@ -336,30 +337,45 @@ pub(crate) async fn send(
     request: &str,
     builder: reqwest::RequestBuilder,
     error_body: ErrorBody,
+    metrics: &Metrics,
 ) -> Result<Vec<u8>, CloudError> {
-    send_dated(target, request, builder, error_body)
+    send_dated(target, request, builder, error_body, metrics)
         .await
         .map(|(body, _)| body)
 }
 
 /// [`send`], also returning the server's clock when it answered ([`server_date_of`]).
+///
+/// Every request of both clients passes here, so this is where `metrics` counts them
+/// (cloud, `request` as the operation, status or "error") and times them, up to the whole
+/// body read. A request abandoned mid-flight (its future dropped at shutdown) is not counted.
 pub(crate) async fn send_dated(
     target: Target,
     request: &str,
     builder: reqwest::RequestBuilder,
     error_body: ErrorBody,
+    metrics: &Metrics,
 ) -> Result<(Vec<u8>, Option<UnixMillis>), CloudError> {
-    let response = builder
-        .send()
-        .await
-        .map_err(|e| CloudError::transport(target, request, &e))?;
-    let status = response.status().as_u16();
-    let retry_after = retry_after_of(response.headers());
-    let date = server_date_of(response.headers());
-    let body = response
-        .bytes()
-        .await
-        .map_err(|e| CloudError::transport(target, request, &e))?;
+    let started = std::time::Instant::now();
+    let answer = async {
+        let response = builder.send().await?;
+        let status = response.status().as_u16();
+        let retry_after = retry_after_of(response.headers());
+        let date = server_date_of(response.headers());
+        let body = response.bytes().await?;
+        Ok::<_, reqwest::Error>((status, retry_after, date, body))
+    }
+    .await;
+    let (status, retry_after, date, body) = match answer {
+        Ok(answer) => {
+            metrics.cloud_request(target, request, Some(answer.0), started.elapsed());
+            answer
+        }
+        Err(e) => {
+            metrics.cloud_request(target, request, None, started.elapsed());
+            return Err(CloudError::transport(target, request, &e));
+        }
+    };
     if !(200..300).contains(&status) {
         return Err(status_error(
             target,

@@ -23,7 +23,7 @@ use super::reply::{CF_CBOR, CF_JSON, Reply};
 use crate::codec::FormatChoice;
 use crate::ingest::{self, Kind};
 use crate::model::{
-    DeviceKey, Format, Inbound, Origin, REJECTED_EXCERPT_LEN, Rejection, UnixMillis,
+    DeviceKey, Format, Inbound, Origin, REJECTED_EXCERPT_LEN, RejectCause, Rejection, UnixMillis,
 };
 
 /// Critical options (odd numbers) the server understands; a request carrying any other
@@ -127,7 +127,7 @@ pub fn plan(req: &Packet, max_size: usize, received_at: UnixMillis) -> Plan {
         }
     };
     let payload = req.payload.as_slice();
-    let refuse = |code: ResponseType, reason: String, size1: Option<u32>| Plan::Refuse {
+    let refuse = |code: ResponseType, cause, reason: String, size1: Option<u32>| Plan::Refuse {
         reply: Reply {
             size1,
             ..Reply::diagnostic(code, &reason)
@@ -136,6 +136,7 @@ pub fn plan(req: &Packet, max_size: usize, received_at: UnixMillis) -> Plan {
             origin: Origin::Coap,
             device: Some(raw_device.clone()),
             locator: path.clone(),
+            cause,
             reason,
             size: payload.len(),
             excerpt: payload[..payload.len().min(REJECTED_EXCERPT_LEN)].to_vec(),
@@ -145,7 +146,7 @@ pub fn plan(req: &Packet, max_size: usize, received_at: UnixMillis) -> Plan {
     };
     let device = match DeviceKey::parse(&raw_device) {
         Ok(d) => d,
-        Err(e) => return refuse(R::BadRequest, e, None),
+        Err(e) => return refuse(R::BadRequest, RejectCause::DeviceKey, e, None),
     };
     let limit = u32::try_from(max_size).unwrap_or(u32::MAX);
     if let Some(block1) = uint_option(req, BLOCK1) {
@@ -154,7 +155,8 @@ pub fn plan(req: &Packet, max_size: usize, received_at: UnixMillis) -> Plan {
             let reason = format!(
                 "block-wise transfer is not supported; send the payload (at most {max_size} bytes) in one message"
             );
-            return refuse(R::RequestEntityTooLarge, reason, Some(limit));
+            let cause = RejectCause::TooLarge;
+            return refuse(R::RequestEntityTooLarge, cause, reason, Some(limit));
         }
     }
     if payload.len() > max_size {
@@ -162,7 +164,8 @@ pub fn plan(req: &Packet, max_size: usize, received_at: UnixMillis) -> Plan {
             "payload is {} bytes, the limit (coap.max_message_size) is {max_size}",
             payload.len()
         );
-        return refuse(R::RequestEntityTooLarge, reason, Some(limit));
+        let cause = RejectCause::TooLarge;
+        return refuse(R::RequestEntityTooLarge, cause, reason, Some(limit));
     }
     let choice = match req.get_first_option_as::<OptionValueU16>(CoapOption::ContentFormat) {
         None => FormatChoice::Auto,
@@ -173,7 +176,12 @@ pub fn plan(req: &Packet, max_size: usize, received_at: UnixMillis) -> Plan {
             let reason = format!(
                 "Content-Format {shown} is not supported; use {CF_JSON} (application/json) or {CF_CBOR} (application/cbor)"
             );
-            return refuse(R::UnsupportedContentFormat, reason, None);
+            return refuse(
+                R::UnsupportedContentFormat,
+                RejectCause::Decode,
+                reason,
+                None,
+            );
         }
     };
     match ingest::decode_reading(kind, payload, choice) {
@@ -185,7 +193,7 @@ pub fn plan(req: &Packet, max_size: usize, received_at: UnixMillis) -> Plan {
             reading,
             mqtt: None,
         }),
-        Err(reason) => refuse(R::BadRequest, reason, None),
+        Err(e) => refuse(R::BadRequest, e.cause, e.reason, None),
     }
 }
 
@@ -372,6 +380,7 @@ mod tests {
         let (code, rej, reply) = refusal(go(&req(Post, "/d/s1/state", b"[1]")));
         assert_eq!(code, ResponseType::BadRequest);
         assert!(rej.reason.contains("state must be an object"));
+        assert_eq!(rej.cause, RejectCause::Invalid);
         assert_eq!(
             (rej.origin, rej.device.as_deref(), rej.locator.as_str()),
             (Origin::Coap, Some("s1"), "/d/s1/state")
@@ -382,12 +391,14 @@ mod tests {
         assert_eq!(code, ResponseType::RequestEntityTooLarge);
         assert_eq!(reply.size1, Some(64));
         assert!(rej.reason.contains("limit (coap.max_message_size) is 64"));
+        assert_eq!(rej.cause, RejectCause::TooLarge);
 
         let (code, _, _) = refusal(go(&with(req(Post, "/d/s1/telemetry", b"{}"), 12, 0)));
         assert_eq!(code, ResponseType::UnsupportedContentFormat);
         let (code, rej, _) = refusal(go(&with(req(Post, "/d/s1/state", b"{}"), 12, 42)));
         assert_eq!(code, ResponseType::UnsupportedContentFormat);
         assert!(rej.reason.contains("Content-Format 42"));
+        assert_eq!(rej.cause, RejectCause::Decode);
         // JSON declared, CBOR sent: the declared format is not second-guessed.
         let cbor = codec::encode(&json!({"a": 1}), Format::Cbor);
         assert_eq!(

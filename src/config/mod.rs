@@ -375,7 +375,7 @@ impl Config {
         {
             cfg.storage.path = Path::new(first).join(&cfg.storage.path);
         }
-        cfg.read_secrets(&origin, credentials_dir)?;
+        cfg.read_secrets(&origin, credentials_dir).map_err(blame)?;
         Ok(cfg)
     }
 

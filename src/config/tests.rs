@@ -114,6 +114,32 @@ fn secrets_come_from_files_or_credentials_and_never_print() {
 }
 
 #[test]
+fn the_api_token_comes_from_a_credential_and_a_blank_one_is_none() {
+    let creds = tempfile::tempdir().unwrap();
+    let env = |bind: &str| vec![("NNGW_API__BIND".to_owned(), bind.to_owned())];
+    // The unit's blank defaults: no token (the daemon makes one), no webhook.
+    for name in ["api-token", "api-webhook-secret", "api-webhook-hmac-key"] {
+        std::fs::write(creds.path().join(name), "\n").unwrap();
+    }
+    let cfg = Config::load_with(&Source::Embedded, &env("127.0.0.1:8080"), Some(creds.path()))
+        .unwrap();
+    assert!(cfg.api.token.is_none() && cfg.api.webhook_secret.is_none());
+    // Blank is no token: a network bind is refused, naming the key and the way out.
+    let e = Config::load_with(&Source::Embedded, &env("0.0.0.0:8080"), Some(creds.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("api.bind") && e.contains("NNGW_API__BIND") && e.contains("api-token"),
+        "{e}"
+    );
+    std::fs::write(creds.path().join("api-token"), "tok-SECRET-9\n").unwrap();
+    let cfg = Config::load_with(&Source::Embedded, &env("0.0.0.0:8080"), Some(creds.path()))
+        .unwrap();
+    assert_eq!(cfg.api.token.as_ref().unwrap().expose(), "tok-SECRET-9");
+    assert!(!format!("{}{cfg:?}", cfg.to_toml()).contains("SECRET"));
+}
+
+#[test]
 fn a_reload_names_the_sections_that_need_a_restart() {
     let old = Config::default();
     let mut new = Config::default();

@@ -7,8 +7,8 @@ use crate::config::TopicsConfig;
 use crate::config::topics::Template;
 use crate::ingest::{self, Kind};
 use crate::model::{
-    DeviceKey, Inbound, MqttDelivery, Origin, REJECTED_EXCERPT_LEN, Rejection, UnixMillis, WriteOp,
-    fnv1a,
+    DeviceKey, Inbound, MqttDelivery, Origin, REJECTED_EXCERPT_LEN, RejectCause, Rejection,
+    UnixMillis, WriteOp, fnv1a,
 };
 
 /// Routes messages of the subscribed topics.
@@ -57,18 +57,18 @@ impl Router {
         } else if let Some(d) = self.telemetry.device_in(topic) {
             (Kind::Telemetry, d, self.telemetry_format)
         } else {
-            return reject(
-                topic,
-                None,
-                payload,
+            let why = (
+                RejectCause::Topic,
                 "topic matches no configured template".into(),
-                mqtt,
-                received_at,
             );
+            return reject(topic, None, payload, why, mqtt, received_at);
         };
         let device = match DeviceKey::parse(raw_device) {
             Ok(d) => d,
-            Err(e) => return reject(topic, Some(raw_device), payload, e, mqtt, received_at),
+            Err(e) => {
+                let why = (RejectCause::DeviceKey, e);
+                return reject(topic, Some(raw_device), payload, why, mqtt, received_at);
+            }
         };
         if payload.len() > self.max_size {
             let reason = format!(
@@ -76,7 +76,8 @@ impl Router {
                 payload.len(),
                 self.max_size
             );
-            return reject(topic, Some(raw_device), payload, reason, mqtt, received_at);
+            let why = (RejectCause::TooLarge, reason);
+            return reject(topic, Some(raw_device), payload, why, mqtt, received_at);
         }
         match ingest::decode_reading(kind, payload, choice) {
             Ok((format, reading)) => WriteOp::Ingest(Inbound {
@@ -87,7 +88,10 @@ impl Router {
                 reading,
                 mqtt,
             }),
-            Err(reason) => reject(topic, Some(raw_device), payload, reason, mqtt, received_at),
+            Err(e) => {
+                let why = (e.cause, e.reason);
+                reject(topic, Some(raw_device), payload, why, mqtt, received_at)
+            }
         }
     }
 }
@@ -96,7 +100,7 @@ fn reject(
     topic: &str,
     device: Option<&str>,
     payload: &[u8],
-    reason: String,
+    (cause, reason): (RejectCause, String),
     mqtt: Option<MqttDelivery>,
     received_at: UnixMillis,
 ) -> WriteOp {
@@ -104,6 +108,7 @@ fn reject(
         origin: Origin::Mqtt,
         device: device.map(str::to_owned),
         locator: topic.to_owned(),
+        cause,
         reason,
         size: payload.len(),
         excerpt: payload[..payload.len().min(REJECTED_EXCERPT_LEN)].to_vec(),
@@ -123,7 +128,7 @@ mod tests {
 
     fn reason(op: WriteOp) -> String {
         match op {
-            WriteOp::Reject(r) => r.reason,
+            WriteOp::Reject(r) => format!("{}: {}", r.cause.as_str(), r.reason),
             WriteOp::Ingest(i) => panic!("expected a rejection, got {i:?}"),
         }
     }
@@ -157,17 +162,23 @@ mod tests {
         let r = router();
         assert!(
             reason(r.route("devices/s1/other", b"{}", 1, false, now))
-                .contains("no configured template")
+                .contains("topic: topic matches no configured template")
         );
         assert!(
-            reason(r.route("devices/a b/state", b"{}", 1, false, now)).contains("contains ' '")
+            reason(r.route("devices/a b/state", b"{}", 1, false, now)).starts_with("device_key: ")
         );
         assert!(
-            reason(r.route("devices/s1/state", &[b' '; 101], 1, false, now))
-                .contains("limit (mqtt.max_message_size) is 100")
+            reason(r.route("devices/s1/state", &[b' '; 101], 1, false, now)).contains(
+                "too_large: payload is 101 bytes, the limit (mqtt.max_message_size) is 100"
+            )
         );
         assert!(
-            reason(r.route("devices/s1/state", b"{oops", 1, false, now)).contains("invalid JSON")
+            reason(r.route("devices/s1/state", b"{oops", 1, false, now))
+                .starts_with("decode: invalid JSON")
+        );
+        assert!(
+            reason(r.route("devices/s1/state", b"[1]", 1, false, now))
+                .starts_with("invalid: state must be an object")
         );
     }
 

@@ -17,7 +17,7 @@ use super::StoreError;
 use super::views::{DaemonBeat, OutboxCount, RejectedView, Status};
 use super::write::{Group, Writer, is_poison, trim_rejected};
 use crate::config::Synchronous;
-use crate::model::{Outcome, Reading, Rejection, Target, UnixMillis, WriteOp};
+use crate::model::{Outcome, Reading, RejectCause, Rejection, Target, UnixMillis, WriteOp};
 
 /// Migrations, in order; `PRAGMA user_version` counts how many are applied.
 const MIGRATIONS: &[&str] = &[
@@ -309,6 +309,7 @@ impl Db {
             origin: msg.origin,
             device: Some(msg.device.to_string()),
             locator: format!("{} message", msg.origin.as_str()),
+            cause: RejectCause::Unstorable,
             reason: format!("cannot be stored: {error}"),
             size: text.len(),
             excerpt: text,

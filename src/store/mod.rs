@@ -3,8 +3,9 @@
 //! SQL lives here in `store/` and nowhere else, one file per aggregate: [`db`] (opening,
 //! migrations, status, rejections, heartbeat), `write.rs` (the ingest write path),
 //! `devices.rs` (desired state and the device views), [`outbox`] (the rows owed to the
-//! clouds), `cursor.rs` (the telemetry cursors and dead letters) and [`retention`] (bounded
-//! disk), all as methods on or helpers of [`Db`]. Migrations sit beside them in `migrations/`
+//! clouds), `cursor.rs` (the telemetry cursors and dead letters), [`retention`] (bounded
+//! disk) and [`gauges`] (what `/metrics` reads at a scrape), all as methods on or helpers of
+//! [`Db`]. Migrations sit beside them in `migrations/`
 //! as numbered files.
 //! rusqlite blocks, so inside the daemon one dedicated thread owns the connection and the
 //! async side talks to it through [`Store`], a cheap cloneable handle over a bounded channel.
@@ -20,6 +21,7 @@ mod cursor;
 pub mod db;
 mod devices;
 mod doc;
+pub mod gauges;
 pub mod outbox;
 pub mod retention;
 pub mod sync;
@@ -36,9 +38,11 @@ use std::thread;
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::metrics::Metrics;
 use crate::model::{Outcome, WriteOp};
 
 pub use db::{Db, OpenOptions, SCHEMA_VERSION};
+pub use gauges::{Gauges, TelemetryBacklog};
 pub use outbox::{DeviceIdent, OutboxRow, QueueRow, QueueView, Requeue, TelemetryItem};
 pub use views::{DaemonBeat, DeviceLinks, DeviceView, RejectedView, Status, TelemetryView};
 pub use write::DEDUP_SPAN;
@@ -297,11 +301,25 @@ impl std::future::Future for PendingWrite {
 }
 
 impl Store {
-    /// Opens the database (blocking: migrations run here) and starts the store thread.
+    /// Opens the database (blocking: migrations run here) and starts the store thread, which
+    /// counts its commits into a registry of its own (see [`Store::open_with_metrics`]).
     ///
     /// # Errors
     /// See [`Db::open`].
     pub fn open(path: &std::path::Path, opts: &OpenOptions) -> Result<Store, StoreError> {
+        Store::open_with_metrics(path, opts, Metrics::new())
+    }
+
+    /// [`Store::open`], the store thread counting each group commit into `metrics` (messages
+    /// ingested and rejected, commit latency and group size).
+    ///
+    /// # Errors
+    /// See [`Db::open`].
+    pub fn open_with_metrics(
+        path: &std::path::Path,
+        opts: &OpenOptions,
+        metrics: Metrics,
+    ) -> Result<Store, StoreError> {
         let lock = lock_exclusive(path)?;
         let mut db = Db::open(path, opts)?;
         let requeued = db.requeue_in_flight(None)?;
@@ -322,7 +340,7 @@ impl Store {
         let ringer = bells.clone();
         thread::Builder::new()
             .name("store".into())
-            .spawn(move || run(db, lock, rx, flag, ringer))
+            .spawn(move || run(db, lock, rx, flag, ringer, metrics))
             .map_err(|e| StoreError::Open {
                 path: path.to_owned(),
                 reason: format!("cannot start store thread: {e}"),
@@ -417,7 +435,11 @@ fn run(
     mut rx: mpsc::Receiver<Job>,
     healthy: Arc<AtomicBool>,
     bells: Arc<Bells>,
+    metrics: Metrics,
 ) {
+    let commit_group = |db: &mut Db, batch: &mut Vec<_>, broken: &mut BrokenStreams| {
+        commit(db, batch, broken, &healthy, &bells, &metrics);
+    };
     let mut batch: Vec<(WriteOp, Option<u64>, Reply)> = Vec::new();
     let mut broken = BrokenStreams::default();
     let mut deferred: Option<Job> = None;
@@ -443,7 +465,7 @@ fn run(
                         Err(_) => break,
                     }
                 }
-                commit(&mut db, &mut batch, &mut broken, &healthy, &bells);
+                commit_group(&mut db, &mut batch, &mut broken);
             }
             Job::Call(f) => f(&mut db),
             Job::Close(done) => {
@@ -453,7 +475,7 @@ fn run(
                     match job {
                         Job::Write(op, stream, reply) => {
                             batch.push((op, stream, reply));
-                            commit(&mut db, &mut batch, &mut broken, &healthy, &bells);
+                            commit_group(&mut db, &mut batch, &mut broken);
                         }
                         Job::Call(f) => f(&mut db),
                         Job::Close(other) => {
@@ -504,6 +526,7 @@ fn commit(
     broken: &mut BrokenStreams,
     healthy: &AtomicBool,
     bells: &Bells,
+    metrics: &Metrics,
 ) {
     let (held, todo): (Vec<_>, Vec<_>) = batch
         .drain(..)
@@ -521,7 +544,9 @@ fn commit(
         ops.push(op);
         answers.push((stream, reply));
     }
+    let started = std::time::Instant::now();
     let results = db.apply_batch(&ops);
+    metrics.commit(&ops, &results, started.elapsed());
     let failed = results.iter().filter(|r| r.is_err()).count();
     healthy.store(failed == 0, Ordering::Relaxed);
     if let Some(Err(first)) = results.iter().find(|r| r.is_err()) {

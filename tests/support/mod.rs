@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use nn_gateway::config::{Config, Source, Synchronous};
 use nn_gateway::daemon::{self, Sockets};
+use nn_gateway::metrics::Metrics;
 use nn_gateway::notify::Notifier;
 use nn_gateway::store::Db;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -194,6 +195,8 @@ pub struct Gateway {
     /// The HTTP API's port (0 when `[api]` is off).
     pub api_port: u16,
     pub db: PathBuf,
+    /// The daemon's metrics, as `/metrics` serves them.
+    pub metrics: Metrics,
     task: JoinHandle<Result<(), daemon::DaemonError>>,
 }
 
@@ -226,7 +229,13 @@ impl Gateway {
         let shutdown = CancellationToken::new();
         let db = cfg.storage.path.clone();
         let started = nn_gateway::model::UnixMillis::now().0;
-        let mut task = tokio::spawn(daemon::run(cfg, sockets, shutdown.clone(), notifier));
+        let metrics = Metrics::new();
+        let (token, counted) = (shutdown.clone(), metrics.clone());
+        let mut task = tokio::spawn(async move {
+            // Kept for the daemon's life: reloads end when their sender goes.
+            let (_reloads, reloads) = tokio::sync::watch::channel(cfg.clone());
+            daemon::run_with_metrics(cfg, sockets, token, notifier, reloads, counted).await
+        });
         let deadline = Instant::now() + START_TIMEOUT;
         while !beat_since(&db, started) {
             if task.is_finished() {
@@ -247,6 +256,7 @@ impl Gateway {
             coap_port,
             api_port,
             db,
+            metrics,
             task,
         }
     }

@@ -18,6 +18,7 @@ use super::mapping::{
 use super::wire;
 use crate::cloud::{self, ApiKey, CloudError, http_client, secret_header, url_of};
 use crate::config::GoliothConfig;
+use crate::metrics::Metrics;
 use crate::model::Target;
 
 const T: Target = Target::Golioth;
@@ -52,6 +53,8 @@ pub struct Golioth {
     base: Url,
     project: String,
     key: ApiKey,
+    /// Where every request is counted and timed (see [`cloud::send_dated`]).
+    metrics: Metrics,
 }
 
 impl fmt::Debug for Golioth {
@@ -72,7 +75,15 @@ impl Golioth {
             base: config.api_url.clone(),
             project: config.project_id.clone(),
             key,
+            metrics: Metrics::new(),
         })
+    }
+
+    /// Counts and times this client's requests in `metrics` (without, they go to a registry
+    /// of the client's own that nobody reads).
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// A request under `/v1/projects/{projectId}/`, with the key.
@@ -96,7 +107,7 @@ impl Golioth {
     }
 
     async fn send(&self, name: &str, rb: reqwest::RequestBuilder) -> Result<Vec<u8>, CloudError> {
-        cloud::send(T, name, rb, mapping::error_body).await
+        cloud::send(T, name, rb, mapping::error_body, &self.metrics).await
     }
 
     /// `{"data": …}` of a 2xx answer; an absent or null `data` is a decode error.

@@ -18,6 +18,7 @@ use super::mapping::{
 use super::wire;
 use crate::cloud::{self, ApiKey, CloudError, http_client, secret_header, url_of};
 use crate::config::NetNeuralConfig;
+use crate::metrics::Metrics;
 use crate::model::{Target, UnixMillis};
 
 const T: Target = Target::NetNeural;
@@ -59,6 +60,8 @@ pub struct NetNeural {
     organization_id: String,
     integration_id: String,
     key: ApiKey,
+    /// Where every request is counted and timed (see [`cloud::send_dated`]).
+    metrics: Metrics,
 }
 
 impl fmt::Debug for NetNeural {
@@ -85,7 +88,15 @@ impl NetNeural {
             organization_id: config.organization_id.clone(),
             integration_id: config.integration_id.clone(),
             key,
+            metrics: Metrics::new(),
         })
+    }
+
+    /// Counts and times this client's requests in `metrics` (without, they go to a registry
+    /// of the client's own that nobody reads).
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// A request to `/rest/v1/<table>`, with the key headers.
@@ -112,7 +123,7 @@ impl NetNeural {
     }
 
     async fn send(&self, name: &str, rb: reqwest::RequestBuilder) -> Result<Vec<u8>, CloudError> {
-        cloud::send(T, name, rb, mapping::error_body).await
+        cloud::send(T, name, rb, mapping::error_body, &self.metrics).await
     }
 
     /// Rows of a `return=representation` or GET answer.
@@ -158,7 +169,8 @@ impl NetNeural {
                 query.push(("id", f));
             }
             let rb = self.request(Method::GET, name, table, &query)?;
-            let (body, date) = cloud::send_dated(T, name, rb, mapping::error_body).await?;
+            let (body, date) =
+                cloud::send_dated(T, name, rb, mapping::error_body, &self.metrics).await?;
             let first_date = *first_date.get_or_insert(date);
             let rows: Vec<W> = cloud::decode(T, name, &body)?;
             let full = rows.len() >= page_size;

@@ -153,6 +153,7 @@ pub struct SyncLinks {
 }
 
 /// Builds the syncer from the configuration: `None` when sync is off or no cloud is enabled.
+/// Its clients count their requests into `metrics`.
 ///
 /// # Errors
 /// When a cloud client cannot be built.
@@ -161,20 +162,23 @@ pub fn syncer(
     store: Store,
     golioth_key: Option<crate::cloud::ApiKey>,
     netneural_key: Option<crate::cloud::ApiKey>,
+    metrics: &crate::metrics::Metrics,
 ) -> Result<Option<Syncer>, CloudError> {
     if !config.sync.enabled || !(config.golioth.enabled || config.netneural.enabled) {
         return Ok(None);
     }
     let golioth = match (config.golioth.enabled, golioth_key) {
         (true, Some(key)) => Some(GoliothSpoke::new(
-            crate::cloud::golioth::Golioth::new(&config.golioth, key)?,
+            crate::cloud::golioth::Golioth::new(&config.golioth, key)?
+                .with_metrics(metrics.clone()),
             config.golioth.desired_path.clone(),
         )),
         _ => None,
     };
     let netneural = match (config.netneural.enabled, netneural_key) {
         (true, Some(key)) => Some(NetNeuralSpoke {
-            client: crate::cloud::netneural::NetNeural::new(&config.netneural, key)?,
+            client: crate::cloud::netneural::NetNeural::new(&config.netneural, key)?
+                .with_metrics(metrics.clone()),
         }),
         _ => None,
     };

@@ -9,7 +9,8 @@ use serde_json::json;
 use super::*;
 use crate::config::Synchronous;
 use crate::model::{
-    DeviceKey, Format, Inbound, MqttDelivery, Origin, Point, Reading, Rejection, Target, UnixMillis,
+    DeviceKey, Format, Inbound, MqttDelivery, Origin, Point, Reading, RejectCause, Rejection,
+    Target, UnixMillis,
 };
 
 fn opts(targets: Vec<Target>) -> OpenOptions {
@@ -50,6 +51,7 @@ fn reject(reason: &str) -> WriteOp {
         origin: Origin::Mqtt,
         device: Some("d".into()),
         locator: "devices/d/state".into(),
+        cause: RejectCause::Invalid,
         reason: reason.into(),
         size: 3,
         excerpt: b"bad".to_vec(),
