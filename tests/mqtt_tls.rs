@@ -2,7 +2,8 @@
 //! certificates made by the openssl CLI for each test: the right CA and name connect, both
 //! ways of data flow work, client certificates are required and checked, and a wrong name,
 //! an unknown CA, an expired certificate and a missing client certificate are refused with an
-//! error that names the problem (in `status`'s heartbeat and in the daemon's log). Files the
+//! error that names the problem (in `status`'s heartbeat and in the daemon's log); TLS to a
+//! plain listener is `down`, its error suspecting the port. Files the
 //! loader cannot use are refused by `check-config` with EX_CONFIG, naming the key and file.
 //!
 //! Real: Mosquitto (OpenSSL), the openssl CLI, the gateway in process and as its binary, the
@@ -357,6 +358,27 @@ async fn an_expired_broker_certificate_is_refused_as_expired() {
     let e = refused_with(&gw.db, "expired").await;
     assert!(
         e.starts_with("TLS: the broker's certificate expired (valid until 2020-01-02T00:00:00Z)"),
+        "{e}"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_a_plain_listener_is_down_and_the_error_suspects_the_port() {
+    let Some(pki) = Pki::make("tls_to_a_plain_listener_is_down") else {
+        return;
+    };
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let env = tls_env(&pki, &[("ca_file", "ca.pem")], None);
+    let gw = gateway(dir.path(), broker.port, "gw-plain", &env).await;
+    let e = wait_for(&gw.db, WAIT, |db| match link(db)? {
+        (LinkState::Down, Some(e)) if e.starts_with("TLS:") => Some(e),
+        _ => None,
+    })
+    .await;
+    assert!(
+        e.contains("closed the connection during the handshake") && e.contains("8883"),
         "{e}"
     );
     gw.stop().await;

@@ -345,12 +345,14 @@ impl Driver {
                         }
                     }
                     let state = match problem {
-                        Problem::Refused | Problem::Tls(_) => LinkState::Refused,
-                        Problem::Unreachable => LinkState::Down,
+                        Problem::Refused | Problem::Tls { refused: true, .. } => LinkState::Refused,
+                        Problem::Unreachable | Problem::Tls { refused: false, .. } => {
+                            LinkState::Down
+                        }
                     };
                     if !self.connected {
                         let why = match &problem {
-                            Problem::Tls(sentence) => sentence.clone(),
+                            Problem::Tls { sentence, .. } => sentence.clone(),
                             other => format!("{}: {e}", other.advice()),
                         };
                         self.health.set_mqtt_error(Some(why));
@@ -564,9 +566,10 @@ impl Driver {
 enum Problem {
     /// The broker answered and said no: credentials, ACL or client id.
     Refused,
-    /// TLS failed for a reason rustls names (a certificate, a name, an alert): the sentence
-    /// of [`tls::explain`]. A link state of `refused`, as the module doc of [`tls`] says why.
-    Tls(String),
+    /// TLS failed: the sentence of [`tls::explain`]. `refused` when rustls named the problem
+    /// (a certificate, a name, an alert): the link is then `refused` (the module doc of
+    /// [`tls`] says why), else `down`.
+    Tls { sentence: String, refused: bool },
     /// No answer, or the connection broke.
     Unreachable,
 }
@@ -579,8 +582,8 @@ impl Problem {
                 server_name: tls.server_name(),
                 client_cert: tls.has_client_cert(),
             };
-            if let Some(sentence) = tls::explain(e, ctx) {
-                return Problem::Tls(sentence);
+            if let Some(tls::Explained { sentence, refused }) = tls::explain(e, ctx) {
+                return Problem::Tls { sentence, refused };
             }
         }
         match e {
@@ -595,7 +598,7 @@ impl Problem {
                                  mqtt.password_file (or credential mqtt-password), \
                                  mqtt.client_id and the broker's ACL"
                 .to_owned(),
-            Problem::Tls(sentence) => format!("cannot reach broker: {sentence}"),
+            Problem::Tls { sentence, .. } => format!("cannot reach broker: {sentence}"),
             Problem::Unreachable => "cannot reach broker".to_owned(),
         }
     }

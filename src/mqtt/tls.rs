@@ -13,7 +13,8 @@
 //! an operator changes a file or the broker's certificate. (The driver keeps retrying with
 //! backoff anyway, so a fixed broker certificate is picked up without a restart.) A broker that
 //! closes the connection mid-handshake without saying why is [`LinkState::Down`]: that is
-//! also what a broker restarting looks like.
+//! also what a broker restarting looks like (and what Mosquitto's plain listener does with a
+//! ClientHello: the sentence then suspects the port).
 //!
 //! [`LinkState::Refused`]: crate::health::LinkState::Refused
 //! [`LinkState::Down`]: crate::health::LinkState::Down
@@ -31,10 +32,38 @@ pub(super) struct Context<'a> {
     pub client_cert: bool,
 }
 
-/// The sentence for a connection failure that rustls explains; `None` when the failure is
-/// not a TLS one (connection refused, timeouts, a broken connection).
-pub(super) fn explain(e: &ConnectionError, ctx: Context<'_>) -> Option<String> {
-    rustls_error(e).map(|r| sentence(r, ctx))
+/// A TLS failure in words.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Explained {
+    /// "TLS: …", naming the problem and the key to look at.
+    pub sentence: String,
+    /// rustls named the problem (a certificate, a name, an alert): retrying alone will not
+    /// fix it, and the link is `refused`. Otherwise the broker just closed the connection
+    /// mid-handshake: `down`.
+    pub refused: bool,
+}
+
+/// The sentence for a connection failure during or right after the TLS handshake; `None`
+/// when the failure is not a TLS one (connection refused, timeouts, a broken connection).
+pub(super) fn explain(e: &ConnectionError, ctx: Context<'_>) -> Option<Explained> {
+    if let Some(r) = rustls_error(e) {
+        return Some(Explained {
+            sentence: sentence(r, ctx),
+            refused: true,
+        });
+    }
+    // Closed without a TLS alert: what a plain MQTT listener does with our ClientHello (and
+    // what a broker going down at that moment looks like).
+    match e {
+        ConnectionError::Tls(rumqttc::TlsError::Io(io)) => Some(Explained {
+            sentence: format!(
+                "TLS: the broker closed the connection during the handshake ({io}): is \
+                 mqtt.port its TLS listener (usually 8883)?"
+            ),
+            refused: false,
+        }),
+        _ => None,
+    }
 }
 
 /// The `rustls::Error` somewhere inside `e`, down its chain of sources.
@@ -203,7 +232,7 @@ mod tests {
                 "IpAddress(10.0.0.6)".into(),
             ],
         });
-        let s = explain(&e, ctx()).unwrap();
+        let s = explain(&e, ctx()).unwrap().sentence;
         assert!(
             s.starts_with(
                 "TLS: the broker's certificate is not valid for name \"10.0.0.5\" (it names broker.example, 10.0.0.6)"
@@ -215,7 +244,9 @@ mod tests {
 
     #[test]
     fn an_unknown_issuer_names_the_ca_file_and_its_key() {
-        let s = explain(&cert(CertificateError::UnknownIssuer), ctx()).unwrap();
+        let s = explain(&cert(CertificateError::UnknownIssuer), ctx())
+            .unwrap()
+            .sentence;
         assert_eq!(
             s,
             "TLS: the broker's certificate is not signed by the CA in /etc/nn-gateway/ca.pem (mqtt.tls.ca_file)"
@@ -228,7 +259,7 @@ mod tests {
             time: UnixTime::since_unix_epoch(std::time::Duration::from_secs(1_800_000_000)),
             not_after: UnixTime::since_unix_epoch(std::time::Duration::from_secs(1_577_923_200)),
         });
-        let s = explain(&e, ctx()).unwrap();
+        let s = explain(&e, ctx()).unwrap().sentence;
         assert!(
             s.starts_with(
                 "TLS: the broker's certificate expired (valid until 2020-01-02T00:00:00Z)"
@@ -236,7 +267,9 @@ mod tests {
             "{s}"
         );
         assert_eq!(
-            explain(&cert(CertificateError::Expired), ctx()).unwrap(),
+            explain(&cert(CertificateError::Expired), ctx())
+                .unwrap()
+                .sentence,
             "TLS: the broker's certificate expired"
         );
     }
@@ -252,7 +285,7 @@ mod tests {
             )),
         ));
         assert_eq!(
-            explain(&late, ctx()).unwrap(),
+            explain(&late, ctx()).unwrap().sentence,
             "TLS: the broker requires a client certificate (mqtt.tls.cert_file)"
         );
         let tls12 = handshake(rustls::Error::AlertReceived(
@@ -261,6 +294,7 @@ mod tests {
         assert!(
             explain(&tls12, ctx())
                 .unwrap()
+                .sentence
                 .contains("probably requires a client certificate (mqtt.tls.cert_file)")
         );
     }
@@ -273,7 +307,7 @@ mod tests {
         };
         let unknown_ca = handshake(rustls::Error::AlertReceived(AlertDescription::UnknownCA));
         assert_eq!(
-            explain(&unknown_ca, with_cert).unwrap(),
+            explain(&unknown_ca, with_cert).unwrap().sentence,
             "TLS: the broker does not trust the CA that signed our client certificate (mqtt.tls.cert_file)"
         );
         let bad = handshake(rustls::Error::AlertReceived(
@@ -282,6 +316,7 @@ mod tests {
         assert!(
             explain(&bad, with_cert)
                 .unwrap()
+                .sentence
                 .starts_with("TLS: the broker refused our client certificate (mqtt.tls.cert_file)")
         );
     }
@@ -291,7 +326,7 @@ mod tests {
         let e = handshake(rustls::Error::InvalidMessage(
             rustls::InvalidMessage::InvalidContentType,
         ));
-        assert!(explain(&e, ctx()).unwrap().contains("8883"));
+        assert!(explain(&e, ctx()).unwrap().sentence.contains("8883"));
     }
 
     #[test]
@@ -299,10 +334,26 @@ mod tests {
         let refused =
             ConnectionError::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
         assert_eq!(explain(&refused, ctx()), None);
-        let eof = ConnectionError::Tls(rumqttc::TlsError::Io(std::io::Error::from(
-            std::io::ErrorKind::UnexpectedEof,
-        )));
-        assert_eq!(explain(&eof, ctx()), None);
         assert_eq!(explain(&ConnectionError::NetworkTimeout, ctx()), None);
+    }
+
+    #[test]
+    fn a_handshake_cut_short_without_an_alert_is_down_and_suspects_the_port() {
+        // Mosquitto's plain listener resets the connection on our ClientHello.
+        let reset = ConnectionError::Tls(rumqttc::TlsError::Io(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset,
+        )));
+        let explained = explain(&reset, ctx()).unwrap();
+        assert!(!explained.refused);
+        assert!(
+            explained
+                .sentence
+                .starts_with("TLS: the broker closed the connection during the handshake")
+                && explained.sentence.contains("8883"),
+            "{}",
+            explained.sentence
+        );
+        let alert = handshake(rustls::Error::AlertReceived(AlertDescription::UnknownCA));
+        assert!(explain(&alert, ctx()).unwrap().refused);
     }
 }
