@@ -452,3 +452,56 @@ fn the_sync_section_takes_strategies_and_field_policies_from_file_and_environmen
         "{bad}"
     );
 }
+
+#[test]
+fn mqtt_tls_is_off_by_default_and_refuses_a_half_or_unreadable_setup_naming_key_and_file() {
+    let cfg = Config::load_with(&Source::Embedded, &[], None).unwrap();
+    assert!(!cfg.mqtt.tls.enabled && cfg.mqtt.tls.client.is_none());
+
+    let dir = tempfile::tempdir().unwrap();
+    let notes = write(&dir, "notes.txt", "not a certificate\n");
+    let on = ("NNGW_MQTT__TLS__ENABLED", "true");
+    let load = |pairs: &[(&str, &str)]| {
+        Config::load_with(&Source::Embedded, &env(pairs), None).unwrap_err()
+    };
+
+    let e = load(&[on]);
+    assert_eq!(e.key.as_deref(), Some("mqtt.tls.ca_file"), "{e}");
+    assert!(e.to_string().contains("required"), "{e}");
+
+    let e = load(&[on, ("NNGW_MQTT__TLS__CA_FILE", "/nonexistent/ca.pem")]);
+    assert_eq!(e.key.as_deref(), Some("mqtt.tls.ca_file"), "{e}");
+    assert!(
+        e.to_string().contains("/nonexistent/ca.pem") && e.to_string().contains("cannot read"),
+        "{e}"
+    );
+    // Blamed on the variable that set it.
+    assert!(e.origin.contains("NNGW_MQTT__TLS__CA_FILE"), "{e}");
+
+    let e = load(&[on, ("NNGW_MQTT__TLS__CA_FILE", notes.to_str().unwrap())]);
+    assert!(e.to_string().contains("no certificate in it"), "{e}");
+
+    let e = load(&[
+        on,
+        ("NNGW_MQTT__TLS__CA_FILE", notes.to_str().unwrap()),
+        ("NNGW_MQTT__TLS__KEY_FILE", "/etc/nn-gateway/client.key"),
+    ]);
+    assert_eq!(e.key.as_deref(), Some("mqtt.tls.cert_file"), "{e}");
+    assert!(e.to_string().contains("set both or neither"), "{e}");
+
+    let e = load(&[
+        on,
+        ("NNGW_MQTT__TLS__CA_FILE", notes.to_str().unwrap()),
+        ("NNGW_MQTT__TLS__SERVER_NAME", "not a name"),
+    ]);
+    assert_eq!(e.key.as_deref(), Some("mqtt.tls.server_name"), "{e}");
+
+    // With the broker off, nothing is read.
+    let cfg = Config::load_with(
+        &Source::Embedded,
+        &env(&[on, ("NNGW_MQTT__ENABLED", "false")]),
+        None,
+    )
+    .unwrap();
+    assert!(cfg.mqtt.tls.client.is_none());
+}

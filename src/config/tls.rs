@@ -118,10 +118,10 @@ impl MqttTlsConfig {
             )
         })?;
 
-        let roots = read_roots(origin, &ca_file)?;
-        let client_auth = match (&self.cert_file, &self.key_file) {
+        // What is missing first, then what is in the files.
+        let client_files = match (&self.cert_file, &self.key_file) {
             (None, None) => None,
-            (Some(cert), Some(key)) => Some((read_chain(origin, cert)?, read_key(origin, key)?)),
+            (Some(cert), Some(key)) => Some((cert, key)),
             (Some(cert), None) => {
                 return Err(ConfigError::at(
                     origin,
@@ -144,6 +144,11 @@ impl MqttTlsConfig {
                     ),
                 ));
             }
+        };
+        let roots = read_roots(origin, &ca_file)?;
+        let client_auth = match client_files {
+            Some((cert, key)) => Some((read_chain(origin, cert)?, read_key(origin, key)?)),
+            None => None,
         };
         let config = client_config(roots, name, client_auth).map_err(|e| match e {
             rustls::Error::InconsistentKeys(_) => ConfigError::at(
