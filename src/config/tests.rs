@@ -121,8 +121,12 @@ fn the_api_token_comes_from_a_credential_and_a_blank_one_is_none() {
     for name in ["api-token", "api-webhook-secret", "api-webhook-hmac-key"] {
         std::fs::write(creds.path().join(name), "\n").unwrap();
     }
-    let cfg = Config::load_with(&Source::Embedded, &env("127.0.0.1:8080"), Some(creds.path()))
-        .unwrap();
+    let cfg = Config::load_with(
+        &Source::Embedded,
+        &env("127.0.0.1:8080"),
+        Some(creds.path()),
+    )
+    .unwrap();
     assert!(cfg.api.token.is_none() && cfg.api.webhook_secret.is_none());
     // Blank is no token: a network bind is refused, naming the key and the way out.
     let e = Config::load_with(&Source::Embedded, &env("0.0.0.0:8080"), Some(creds.path()))
@@ -133,8 +137,8 @@ fn the_api_token_comes_from_a_credential_and_a_blank_one_is_none() {
         "{e}"
     );
     std::fs::write(creds.path().join("api-token"), "tok-SECRET-9\n").unwrap();
-    let cfg = Config::load_with(&Source::Embedded, &env("0.0.0.0:8080"), Some(creds.path()))
-        .unwrap();
+    let cfg =
+        Config::load_with(&Source::Embedded, &env("0.0.0.0:8080"), Some(creds.path())).unwrap();
     assert_eq!(cfg.api.token.as_ref().unwrap().expose(), "tok-SECRET-9");
     assert!(!format!("{}{cfg:?}", cfg.to_toml()).contains("SECRET"));
 }
