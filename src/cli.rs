@@ -211,8 +211,13 @@ fn daemon(running: bool, beat: Option<&crate::store::DaemonBeat>) -> String {
     let ago = |b: &crate::store::DaemonBeat| (now.0 - b.at).max(0) / 1000;
     match (running, beat) {
         (true, Some(b)) if !b.stopped => {
+            let why = b
+                .mqtt_error
+                .as_ref()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default();
             format!(
-                "running (pid {}, heartbeat {}s ago), mqtt {}",
+                "running (pid {}, heartbeat {}s ago), mqtt {}{why}",
                 b.pid,
                 ago(b),
                 b.mqtt

@@ -88,6 +88,8 @@ pub struct CloudHealth {
 #[derive(Clone, Debug, Default)]
 pub struct Health {
     mqtt: Arc<AtomicU8>,
+    /// Why the last connection attempt to the broker failed; cleared on connecting.
+    mqtt_error: Arc<Mutex<Option<String>>>,
     clouds: Arc<Mutex<BTreeMap<Target, CloudHealth>>>,
     /// Rung when a state changes, so the daemon refreshes STATUS= and its heartbeat at once.
     changed: Arc<tokio::sync::Notify>,
@@ -110,6 +112,24 @@ impl Health {
 
     pub fn mqtt(&self) -> LinkState {
         LinkState::from_u8(self.mqtt.load(Ordering::Relaxed))
+    }
+
+    /// Records why the broker cannot be reached (`None` once connected), for `status`: a
+    /// TLS or credential problem is otherwise only in the log.
+    pub fn set_mqtt_error(&self, error: Option<String>) {
+        let mut slot = self.mqtt_error.lock().unwrap_or_else(|p| p.into_inner());
+        if *slot != error {
+            *slot = error;
+            drop(slot);
+            self.changed.notify_one();
+        }
+    }
+
+    pub fn mqtt_error(&self) -> Option<String> {
+        self.mqtt_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn with_cloud<R>(&self, target: Target, f: impl FnOnce(&mut CloudHealth) -> R) -> R {

@@ -154,6 +154,7 @@ fn beat(health: &Health, every: Duration, stopped: bool) -> DaemonBeat {
         at: crate::model::UnixMillis::now().0,
         every_ms: u64::try_from(every.as_millis()).unwrap_or(u64::MAX),
         mqtt: health.mqtt(),
+        mqtt_error: health.mqtt_error(),
         stopped,
         clouds: health.clouds(),
     }

@@ -16,7 +16,8 @@
 //! - [`outbox::policy`]: what a failed send means for its row (retry at T, dead) and its lane
 //!   (offline, backing off, auth failed).
 //! - [`config::topics`]: MQTT topic templates, parsed as the configuration is read.
-//! - [`mqtt::router`]: PUBLISH → store write.
+//! - [`mqtt::router`]: PUBLISH → store write; `mqtt::tls`: a TLS failure → the sentence that
+//!   names the certificate problem.
 //! - [`coap::route`], [`coap::reply`], [`coap::message`]: CoAP request → plan → response bytes;
 //!   [`coap::exchange`] (retransmission cache) and [`coap::observe`] (observer registry).
 //!
@@ -29,13 +30,14 @@
 //!   [`cloud::sync`] (reconciliation runs: read both clouds, link, merge with [`reconcile`],
 //!   write, commit).
 //! - [`config`]: the typed configuration, from TOML and `NNGW_` environment variables, holding
-//!   parsed values (topic templates, addresses, URLs) so that what runs later cannot fail on them.
+//!   parsed values (topic templates, addresses, URLs, the MQTT TLS client configuration built
+//!   from its certificate files) so that what runs later cannot fail on them.
 //! - [`store`]: the SQLite mirror — migrations, all SQL (one file per aggregate: ingest,
 //!   devices and desired state, outbox and telemetry cursors, reconciliation, retention,
 //!   status, the metrics' gauges), and the
 //!   store thread with group commit.
-//! - [`mqtt`]: rumqttc client of the site broker — ingest acknowledged after commit, in
-//!   batches, desired publishes.
+//! - [`mqtt`]: rumqttc client of the site broker (plain TCP, or TLS with `[mqtt.tls]`) — ingest
+//!   acknowledged after commit, in batches, desired publishes.
 //! - [`coap`]: CoAP server on a UDP socket — ingest, desired resource with Observe.
 //! - [`outbox`]: one lane per cloud delivering the outbox rows and the telemetry cursor,
 //!   through an [`outbox::Uplink`] each cloud implements.

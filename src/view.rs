@@ -26,6 +26,8 @@ pub struct StatusView {
 #[derive(Clone, Debug, Serialize)]
 pub struct Live {
     pub mqtt: LinkState,
+    /// Why the broker link is not up (a TLS problem names the certificate), when it is not.
+    pub mqtt_error: Option<String>,
     pub clouds: BTreeMap<Target, CloudHealth>,
     /// Messages stored per second, over the last few seconds.
     pub ingest_per_s: Option<f64>,
@@ -36,6 +38,7 @@ impl Live {
     pub fn of(health: &Health, ingest_per_s: Option<f64>, sync_enabled: bool) -> Live {
         Live {
             mqtt: health.mqtt(),
+            mqtt_error: health.mqtt_error(),
             clouds: health.clouds(),
             ingest_per_s,
             sync_enabled,

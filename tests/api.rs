@@ -250,6 +250,10 @@ async fn every_route_answers_with_the_token_and_only_with_it() {
     let (status, q) = api.get("/api/v1/queue").await;
     assert_eq!(status, 200, "{q}");
     assert!(q["rows"].is_array(), "{q}");
+    let (status, q) = api.get("/api/v1/queue?cloud=netneural&state=dead").await;
+    assert_eq!(status, 200, "{q}");
+    let (status, q) = api.get("/api/v1/queue?state=lost").await;
+    assert_eq!(status, 400, "{q}");
     assert_eq!(
         api.post("/api/v1/queue/retry-dead").await,
         (200, json!({"requeued": 0}))

@@ -62,8 +62,7 @@ fn write_config(dir: &Path, port: u16, client_id: &str) -> (PathBuf, PathBuf) {
         &config,
         format!(
             "[storage]\npath = {:?}\n[mqtt]\nport = {port}\nclient_id = \"{client_id}\"\n\
-             reconnect_min = \"50ms\"\nreconnect_max = \"200ms\"\n[coap]\nbind = \"127.0.0.1:0\"\n\
-             [api]\nbind = \"127.0.0.1:0\"\n",
+             reconnect_min = \"50ms\"\nreconnect_max = \"200ms\"\n[coap]\nbind = \"127.0.0.1:0\"\n[api]\nbind = \"127.0.0.1:0\"\n",
             db.display().to_string(),
         ),
     )

@@ -84,6 +84,19 @@ fn assert_core_intact(db: &Db) {
     let dead = queue.rows.iter().find(|r| r.state == "dead").unwrap();
     assert!(dead.last_error.as_deref().unwrap().contains("HTTP 400"));
     assert!(queue.rows.iter().any(|r| r.state == "pending"));
+    // Narrowed to a state or a cloud (the API's `queue?state=&cloud=`).
+    let dead = db.queue_of(None, Some("dead"), 100).unwrap();
+    assert!(!dead.rows.is_empty() && dead.rows.iter().all(|r| r.state == "dead"));
+    let per_cloud: Vec<_> = ["golioth", "netneural"]
+        .map(|t| db.queue_of(Some(t), None, 100).unwrap())
+        .into_iter()
+        .collect();
+    assert!(per_cloud[0].rows.iter().all(|r| r.target == "golioth"));
+    assert!(per_cloud[0].telemetry_backlog.is_empty());
+    assert_eq!(
+        per_cloud[0].rows.len() + per_cloud[1].rows.len(),
+        queue.rows.len()
+    );
     assert_eq!(db.rejected(10).unwrap().len(), 1);
 }
 

@@ -9,7 +9,7 @@
 //! - under `/api/v1`, each needing `Authorization: Bearer <token>` ([`auth`]):
 //!   `GET status` ([`crate::view::StatusView`] with `live`), `GET devices?q=&limit=&offset=`,
 //!   `GET devices/{key}`, `PUT devices/{key}/desired[?create=true]`,
-//!   `GET devices/{key}/telemetry?since=&limit=`, `GET queue?limit=`,
+//!   `GET devices/{key}/telemetry?since=&limit=`, `GET queue?cloud=&state=&limit=`,
 //!   `POST queue/{id}/retry`, `POST queue/retry-dead`, `GET conflicts?all=&limit=`,
 //!   `GET conflicts/{id}`, `POST conflicts/{id}/resolve` (`{"use":"local"|"remote"}` or
 //!   `{"value": …}`; 409 to all but the first), `GET sync-log?cloud=&outcome=&before=&limit=`,

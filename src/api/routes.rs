@@ -192,16 +192,28 @@ pub async fn telemetry(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LimitQuery {
+pub struct QueueQuery {
+    cloud: Option<String>,
+    state: Option<String>,
     limit: Option<usize>,
 }
 
 pub async fn queue(
     State(api): State<Api>,
-    Query(q): Query<LimitQuery>,
+    Query(q): Query<QueueQuery>,
 ) -> Answer<crate::store::QueueView> {
     let limit = q.limit.unwrap_or(100).min(MAX_PAGE);
-    Ok(Json(api.read(move |db| db.queue(limit)).await?))
+    if let Some(s) = q.state.as_deref()
+        && !["pending", "in_flight", "dead"].contains(&s)
+    {
+        return Err(ApiError::bad_request(format!(
+            "state {s:?}: pending, in_flight or dead"
+        )));
+    }
+    Ok(Json(
+        api.read(move |db| db.queue_of(q.cloud.as_deref(), q.state.as_deref(), limit))
+            .await?,
+    ))
 }
 
 pub async fn retry_row(State(api): State<Api>, Path(id): Path<i64>) -> Answer<Value> {

@@ -94,7 +94,13 @@ impl ApiConfig {
         origin: &str,
         creds: Option<&Path>,
     ) -> Result<(), ConfigError> {
-        let has = |name: &str| creds.is_some_and(|d| d.join(name).is_file());
+        // A credential holding nothing but whitespace is absent: the unit gives each a blank
+        // default (`SetCredential=`) so that a missing file does not fail the start.
+        let has = |name: &str| {
+            creds.is_some_and(|d| {
+                std::fs::read_to_string(d.join(name)).is_ok_and(|t| !t.trim().is_empty())
+            })
+        };
         let read = |key: &str, file: Option<&Path>, credential: &str| {
             if file.is_some() || has(credential) {
                 read_secret(origin, key, file, creds, credential).map(Some)

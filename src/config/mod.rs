@@ -8,7 +8,9 @@
 //!
 //! Secrets (the MQTT password, the cloud API keys) never live in this file: they are read from
 //! a file named by `*_file` keys or from systemd credentials (`$CREDENTIALS_DIRECTORY/<name>`),
-//! held in [`Secret`], and printed as `<redacted>` everywhere.
+//! held in [`Secret`], and printed as `<redacted>` everywhere. The MQTT TLS client key is read
+//! from `mqtt.tls.key_file` the same way, at load time, and only its path is ever shown
+//! (see [`MqttTlsConfig`]).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -23,6 +25,7 @@ mod api;
 mod cloud;
 mod secret;
 mod sync;
+mod tls;
 pub mod topics;
 
 pub use api::ApiConfig;
@@ -31,6 +34,7 @@ pub use cloud::{GoliothConfig, HttpSettings, IdTemplate, NetNeuralConfig};
 pub use secret::Secret;
 use secret::read_secret;
 pub use sync::{RuleSetting, StrategySetting, SyncConfig};
+pub use tls::{MqttTlsConfig, TlsClient};
 
 /// The annotated default configuration, embedded so `nn-gateway run` works with no file.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/gateway.toml");
@@ -149,6 +153,8 @@ pub struct MqttConfig {
     /// Larger messages are acknowledged, refused and recorded as rejected. At most
     /// [`MAX_WIRE_PACKET`].
     pub max_message_size: usize,
+    /// `[mqtt.tls]`: TLS to a broker on another host (off: plain TCP).
+    pub tls: MqttTlsConfig,
     pub topics: TopicsConfig,
 }
 
@@ -172,6 +178,7 @@ impl Default for MqttConfig {
             reconnect_min: Duration::from_millis(500),
             reconnect_max: Duration::from_secs(60),
             max_message_size: 256 * 1024,
+            tls: MqttTlsConfig::default(),
             topics: TopicsConfig::default(),
         }
     }
@@ -356,6 +363,9 @@ impl Config {
                 })
             })?;
         cfg.validate(&origin).map_err(blame)?;
+        if cfg.mqtt.enabled {
+            cfg.mqtt.tls.load(&origin, &cfg.mqtt.host).map_err(blame)?;
+        }
         // Under systemd (`StateDirectory=`), a relative database path lives in the state
         // directory, the one place the unit lets the daemon write: the shipped config works
         // unedited. Elsewhere it stays relative to the working directory.
@@ -365,7 +375,7 @@ impl Config {
         {
             cfg.storage.path = Path::new(first).join(&cfg.storage.path);
         }
-        cfg.read_secrets(&origin, credentials_dir)?;
+        cfg.read_secrets(&origin, credentials_dir).map_err(blame)?;
         Ok(cfg)
     }
 

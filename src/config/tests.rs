@@ -114,6 +114,36 @@ fn secrets_come_from_files_or_credentials_and_never_print() {
 }
 
 #[test]
+fn the_api_token_comes_from_a_credential_and_a_blank_one_is_none() {
+    let creds = tempfile::tempdir().unwrap();
+    let env = |bind: &str| vec![("NNGW_API__BIND".to_owned(), bind.to_owned())];
+    // The unit's blank defaults: no token (the daemon makes one), no webhook.
+    for name in ["api-token", "api-webhook-secret", "api-webhook-hmac-key"] {
+        std::fs::write(creds.path().join(name), "\n").unwrap();
+    }
+    let cfg = Config::load_with(
+        &Source::Embedded,
+        &env("127.0.0.1:8080"),
+        Some(creds.path()),
+    )
+    .unwrap();
+    assert!(cfg.api.token.is_none() && cfg.api.webhook_secret.is_none());
+    // Blank is no token: a network bind is refused, naming the key and the way out.
+    let e = Config::load_with(&Source::Embedded, &env("0.0.0.0:8080"), Some(creds.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("api.bind") && e.contains("NNGW_API__BIND") && e.contains("api-token"),
+        "{e}"
+    );
+    std::fs::write(creds.path().join("api-token"), "tok-SECRET-9\n").unwrap();
+    let cfg =
+        Config::load_with(&Source::Embedded, &env("0.0.0.0:8080"), Some(creds.path())).unwrap();
+    assert_eq!(cfg.api.token.as_ref().unwrap().expose(), "tok-SECRET-9");
+    assert!(!format!("{}{cfg:?}", cfg.to_toml()).contains("SECRET"));
+}
+
+#[test]
 fn a_reload_names_the_sections_that_need_a_restart() {
     let old = Config::default();
     let mut new = Config::default();
@@ -421,4 +451,57 @@ fn the_sync_section_takes_strategies_and_field_policies_from_file_and_environmen
         bad.to_string().contains("/desired/firmware_version"),
         "{bad}"
     );
+}
+
+#[test]
+fn mqtt_tls_is_off_by_default_and_refuses_a_half_or_unreadable_setup_naming_key_and_file() {
+    let cfg = Config::load_with(&Source::Embedded, &[], None).unwrap();
+    assert!(!cfg.mqtt.tls.enabled && cfg.mqtt.tls.client.is_none());
+
+    let dir = tempfile::tempdir().unwrap();
+    let notes = write(&dir, "notes.txt", "not a certificate\n");
+    let on = ("NNGW_MQTT__TLS__ENABLED", "true");
+    let load = |pairs: &[(&str, &str)]| {
+        Config::load_with(&Source::Embedded, &env(pairs), None).unwrap_err()
+    };
+
+    let e = load(&[on]);
+    assert_eq!(e.key.as_deref(), Some("mqtt.tls.ca_file"), "{e}");
+    assert!(e.to_string().contains("required"), "{e}");
+
+    let e = load(&[on, ("NNGW_MQTT__TLS__CA_FILE", "/nonexistent/ca.pem")]);
+    assert_eq!(e.key.as_deref(), Some("mqtt.tls.ca_file"), "{e}");
+    assert!(
+        e.to_string().contains("/nonexistent/ca.pem") && e.to_string().contains("cannot read"),
+        "{e}"
+    );
+    // Blamed on the variable that set it.
+    assert!(e.origin.contains("NNGW_MQTT__TLS__CA_FILE"), "{e}");
+
+    let e = load(&[on, ("NNGW_MQTT__TLS__CA_FILE", notes.to_str().unwrap())]);
+    assert!(e.to_string().contains("no certificate in it"), "{e}");
+
+    let e = load(&[
+        on,
+        ("NNGW_MQTT__TLS__CA_FILE", notes.to_str().unwrap()),
+        ("NNGW_MQTT__TLS__KEY_FILE", "/etc/nn-gateway/client.key"),
+    ]);
+    assert_eq!(e.key.as_deref(), Some("mqtt.tls.cert_file"), "{e}");
+    assert!(e.to_string().contains("set both or neither"), "{e}");
+
+    let e = load(&[
+        on,
+        ("NNGW_MQTT__TLS__CA_FILE", notes.to_str().unwrap()),
+        ("NNGW_MQTT__TLS__SERVER_NAME", "not a name"),
+    ]);
+    assert_eq!(e.key.as_deref(), Some("mqtt.tls.server_name"), "{e}");
+
+    // With the broker off, nothing is read.
+    let cfg = Config::load_with(
+        &Source::Embedded,
+        &env(&[on, ("NNGW_MQTT__ENABLED", "false")]),
+        None,
+    )
+    .unwrap();
+    assert!(cfg.mqtt.tls.client.is_none());
 }

@@ -53,6 +53,12 @@
 //! lasted `STABLE_AFTER` (30 s), so a broker that keeps dropping us, or a full disk that makes us
 //! drop the connection, cannot turn into a reconnect storm.
 //!
+//! **TLS** (`[mqtt.tls]`): the configuration holds a rustls `ClientConfig` built from the
+//! certificate files at load time ([`crate::config::TlsClient`]), handed to rumqttc as its
+//! transport. When a connection attempt fails for a TLS reason, [`tls`] turns rustls' error into
+//! a sentence naming the certificate problem, logged with the usual "cannot reach broker" line,
+//! kept in [`Health::mqtt_error`] for `status`, and the link is `refused` (see [`tls`] for why).
+//!
 //! Downlink: [`MqttHandle::publish_desired`] hands a desired document to the driver, which
 //! publishes it retained at QoS 1 and matches the broker's PUBACK to it ([`desired`]), then
 //! reports it on the `published` channel so the store can record that the broker holds it.
@@ -60,11 +66,14 @@
 pub mod desired;
 mod link;
 pub mod router;
+mod tls;
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{
+    AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -72,7 +81,7 @@ use tracing::Instrument;
 
 use crate::backoff::Backoff;
 use crate::config::topics::Template;
-use crate::config::{MAX_WIRE_PACKET, MqttConfig};
+use crate::config::{MAX_WIRE_PACKET, MqttConfig, TlsClient};
 use crate::health::{Health, LinkState};
 use crate::model::{DesiredDoc, Outcome, UnixMillis, WriteOp};
 use crate::store::{PendingWrite, Store, StoreError};
@@ -167,6 +176,14 @@ pub fn spawn(cfg: &MqttConfig, links: Links, tracker: &TaskTracker) -> MqttHandl
             .unwrap_or_default();
         opts.set_credentials(user.clone(), password);
     }
+    if let Some(tls) = &cfg.tls.client {
+        // The configuration names the ring provider itself; installing the process default
+        // too keeps every rustls user in the process on the same one.
+        crate::cloud::install_crypto_provider();
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            tls.config(),
+        )));
+    }
     let (client, eventloop) = AsyncClient::new(opts, REQUEST_QUEUE);
     let (desired_tx, desired_rx) = mpsc::channel(DESIRED_QUEUE);
     let handle = MqttHandle {
@@ -190,8 +207,15 @@ pub fn spawn(cfg: &MqttConfig, links: Links, tracker: &TaskTracker) -> MqttHandl
         tracker: desired::Tracker::default(),
         desired: desired_rx,
         published: links.published,
+        tls: cfg.tls.client.clone(),
     };
-    let span = tracing::info_span!("mqtt", broker = %format!("{}:{}", cfg.host, cfg.port));
+    let scheme = if cfg.tls.client.is_some() {
+        "mqtts"
+    } else {
+        "mqtt"
+    };
+    let span =
+        tracing::info_span!("mqtt", broker = %format!("{scheme}://{}:{}", cfg.host, cfg.port));
     tracker.spawn(driver.run(links.shutdown, links.drain).instrument(span));
     handle
 }
@@ -231,6 +255,8 @@ struct Driver {
     tracker: desired::Tracker,
     desired: mpsc::Receiver<DesiredDoc>,
     published: mpsc::Sender<Published>,
+    /// Set for TLS to the broker: what [`tls::explain`] names in its sentences.
+    tls: Option<TlsClient>,
 }
 
 impl Driver {
@@ -266,6 +292,7 @@ impl Driver {
                     self.connected = true;
                     last_problem = None;
                     self.connected_at = Some(tokio::time::Instant::now());
+                    self.health.set_mqtt_error(None);
                     self.health.set_mqtt(LinkState::Connected);
                     tracing::info!(session_present = ack.session_present, "connected to broker");
                     // A resumed session keeps our subscriptions, and subscribing again would
@@ -300,10 +327,10 @@ impl Driver {
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => self.tracker.sent(pkid),
                 Ok(_) => {}
                 Err(e) => {
-                    let problem = Problem::of(&e);
+                    let problem = Problem::of(&e, self.tls.as_ref());
                     if self.connected {
                         tracing::warn!(error = %e, "lost broker connection; reconnecting with backoff");
-                    } else if last_problem != Some(problem) {
+                    } else if last_problem.as_ref() != Some(&problem) {
                         // Once per kind of failure, not once per attempt.
                         tracing::warn!(error = %e, "{}; retrying with backoff (logged again on change, and every minute)", problem.advice());
                         failed_attempts = 0;
@@ -317,11 +344,20 @@ impl Driver {
                             logged_at = tokio::time::Instant::now();
                         }
                     }
-                    last_problem = Some(problem);
                     let state = match problem {
-                        Problem::Refused => LinkState::Refused,
-                        Problem::Unreachable => LinkState::Down,
+                        Problem::Refused | Problem::Tls { refused: true, .. } => LinkState::Refused,
+                        Problem::Unreachable | Problem::Tls { refused: false, .. } => {
+                            LinkState::Down
+                        }
                     };
+                    if !self.connected {
+                        let why = match &problem {
+                            Problem::Tls { sentence, .. } => sentence.clone(),
+                            other => format!("{}: {e}", other.advice()),
+                        };
+                        self.health.set_mqtt_error(Some(why));
+                    }
+                    last_problem = Some(problem);
                     self.new_generation(state);
                     self.must_pause = true;
                 }
@@ -526,29 +562,44 @@ impl Driver {
 }
 
 /// Why a connection attempt failed, as far as it changes what an operator should do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Problem {
     /// The broker answered and said no: credentials, ACL or client id.
     Refused,
+    /// TLS failed: the sentence of [`tls::explain`]. `refused` when rustls named the problem
+    /// (a certificate, a name, an alert): the link is then `refused` (the module doc of
+    /// [`tls`] says why), else `down`.
+    Tls { sentence: String, refused: bool },
     /// No answer, or the connection broke.
     Unreachable,
 }
 
 impl Problem {
-    fn of(e: &rumqttc::ConnectionError) -> Problem {
+    fn of(e: &rumqttc::ConnectionError, tls: Option<&TlsClient>) -> Problem {
+        if let Some(tls) = tls {
+            let ctx = tls::Context {
+                ca_file: tls.ca_file(),
+                server_name: tls.server_name(),
+                client_cert: tls.has_client_cert(),
+            };
+            if let Some(tls::Explained { sentence, refused }) = tls::explain(e, ctx) {
+                return Problem::Tls { sentence, refused };
+            }
+        }
         match e {
             rumqttc::ConnectionError::ConnectionRefused(_) => Problem::Refused,
             _ => Problem::Unreachable,
         }
     }
 
-    fn advice(self) -> &'static str {
+    fn advice(&self) -> String {
         match self {
-            Problem::Refused => {
-                "broker refused the connection: check mqtt.username, mqtt.password_file (or \
-                 credential mqtt-password), mqtt.client_id and the broker's ACL"
-            }
-            Problem::Unreachable => "cannot reach broker",
+            Problem::Refused => "broker refused the connection: check mqtt.username, \
+                                 mqtt.password_file (or credential mqtt-password), \
+                                 mqtt.client_id and the broker's ACL"
+                .to_owned(),
+            Problem::Tls { sentence, .. } => format!("cannot reach broker: {sentence}"),
+            Problem::Unreachable => "cannot reach broker".to_owned(),
         }
     }
 }

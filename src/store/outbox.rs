@@ -308,6 +308,17 @@ impl Db {
     /// The queue for `nn-gateway queue`: telemetry backlog per cloud, then every row not done
     /// (in flight and dead first), at most `limit`.
     pub fn queue(&self, limit: usize) -> Result<QueueView, StoreError> {
+        self.queue_of(None, None, limit)
+    }
+
+    /// [`Db::queue`] narrowed to one cloud and/or one state (`pending`, `in_flight`, `dead`).
+    pub fn queue_of(
+        &self,
+        target: Option<&str>,
+        state: Option<&str>,
+        limit: usize,
+    ) -> Result<QueueView, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let mut telemetry_backlog = Vec::new();
         let mut stmt = self
             .conn
@@ -315,22 +326,26 @@ impl Db {
         let cursors = stmt
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
             .collect::<Result<Vec<_>, _>>()?;
-        for (target, through) in cursors {
+        for (cloud, through) in cursors {
+            if target.is_some_and(|t| t != cloud) {
+                continue;
+            }
             let n: i64 = self.conn.query_row(
                 "SELECT count(*) FROM telemetry WHERE id > ?1",
                 [through],
                 |r| r.get(0),
             )?;
-            telemetry_backlog.push((target, n));
+            telemetry_backlog.push((cloud, n));
         }
         let mut stmt = self.conn.prepare(
             "SELECT o.id, o.target, o.operation, d.key, o.state, o.attempts, o.next_attempt_at, o.last_error
              FROM outbox o JOIN device d ON d.id = o.device_id
+             WHERE (?2 IS NULL OR o.target = ?2) AND (?3 IS NULL OR o.state = ?3)
              ORDER BY CASE o.state WHEN 'in_flight' THEN 0 WHEN 'dead' THEN 1 ELSE 2 END, o.id
              LIMIT ?1",
         )?;
         let mut rows = stmt
-            .query_map([limit as i64], |r| {
+            .query_map(rusqlite::params![limit, target, state], |r| {
                 let state: String = r.get(4)?;
                 Ok(QueueRow {
                     id: r.get(0)?,
@@ -347,10 +362,12 @@ impl Db {
             .collect::<Result<Vec<_>, _>>()?;
         let mut stmt = self.conn.prepare(
             "SELECT x.telemetry_id, x.target, d.key, x.error FROM telemetry_dead x
-             JOIN device d ON d.id = x.device_id ORDER BY x.telemetry_id LIMIT ?1",
+             JOIN device d ON d.id = x.device_id
+             WHERE (?2 IS NULL OR x.target = ?2) AND (?3 IS NULL OR ?3 = 'dead')
+             ORDER BY x.telemetry_id LIMIT ?1",
         )?;
         rows.extend(
-            stmt.query_map([limit as i64], |r| {
+            stmt.query_map(rusqlite::params![limit, target, state], |r| {
                 Ok(QueueRow {
                     id: r.get(0)?,
                     target: r.get(1)?,

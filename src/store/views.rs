@@ -57,6 +57,10 @@ pub struct DaemonBeat {
     pub every_ms: u64,
     /// The broker link: `connected`, `down`, `refused` or `disabled` in JSON.
     pub mqtt: crate::health::LinkState,
+    /// Why the broker cannot be reached, while it cannot (e.g. "TLS: the broker's certificate
+    /// expired"); absent once connected, and in heartbeats of older builds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_error: Option<String>,
     /// Set by a clean shutdown.
     pub stopped: bool,
     /// Each enabled cloud's lane: state, last success, last error.

@@ -84,6 +84,16 @@ impl Mosquitto {
         Mosquitto::start_with(dir, &access)
     }
 
+    /// Starts a broker whose listener speaks TLS: `tls` holds the listener's lines (`cafile`,
+    /// `certfile`, `keyfile`, `require_certificate` …); anonymous clients are let in. The
+    /// files must be readable by Mosquitto's own user (it drops root before reading them).
+    pub fn start_tls(tls: &str) -> Mosquitto {
+        Mosquitto::start_with(
+            tempfile::tempdir().unwrap(),
+            &format!("{tls}\nallow_anonymous true\n"),
+        )
+    }
+
     fn start_with(mut dir: tempfile::TempDir, access: &str) -> Mosquitto {
         for _ in 0..5 {
             match Mosquitto::try_start_on(free_port(), access, dir) {
@@ -154,7 +164,18 @@ impl Drop for Mosquitto {
 /// The embedded default configuration pointed at a test broker and a temporary database,
 /// with CoAP on an ephemeral port.
 pub fn config(dir: &Path, broker_port: u16, client_id: &str) -> Config {
-    let mut cfg = Config::load_with(&Source::Embedded, &[], None).unwrap();
+    config_with_env(dir, broker_port, client_id, &[]).unwrap()
+}
+
+/// [`config`] loaded with `env` as the environment (`NNGW_…` keys), so that what the loader
+/// reads from files (secrets, certificates) is read the daemon's way; its error if it refuses.
+pub fn config_with_env(
+    dir: &Path,
+    broker_port: u16,
+    client_id: &str,
+    env: &[(String, String)],
+) -> Result<Config, nn_gateway::config::ConfigError> {
+    let mut cfg = Config::load_with(&Source::Embedded, env, None)?;
     cfg.storage.path = dir.join("gateway.db");
     cfg.storage.synchronous = Synchronous::Normal;
     cfg.mqtt.port = broker_port;
@@ -164,7 +185,7 @@ pub fn config(dir: &Path, broker_port: u16, client_id: &str) -> Config {
     cfg.coap.bind = "127.0.0.1:0".parse().unwrap();
     cfg.api.bind = "127.0.0.1:0".parse().unwrap();
     cfg.gateway.downlink_poll = Duration::from_millis(100);
-    cfg
+    Ok(cfg)
 }
 
 /// A gateway running in this process.
