@@ -299,7 +299,8 @@ function gatewayCard(s, live) {
   return h('article', { class: 'card', testid: 'gateway' },
     h('h2', {}, 'Gateway ', badge(running ? 'running' : 'stopped', 'daemon-state')),
     facts([
-      ['MQTT broker', badge(mqtt, 'mqtt-state')],
+      ['MQTT broker', [badge(mqtt, 'mqtt-state'),
+        live.mqtt_error ? h('span', { class: 'bad', testid: 'mqtt-error' }, ' ', live.mqtt_error) : null]],
       ['Ingest', h('span', { testid: 'ingest-rate' },
         live.ingest_per_s == null ? 'not measured' : `${live.ingest_per_s.toFixed(1)} messages/s`)],
       ['Devices', h('a', { href: '#/devices' }, String(s.devices ?? 0))],
