@@ -22,7 +22,6 @@
 //!   [`coap::exchange`] (retransmission cache) and [`coap::observe`] (observer registry).
 //!
 //! I/O:
-//! - [`api`]: the local HTTP API; [`api::console`], the web console's embedded files.
 //! - [`cloud`]: what both cloud clients share — the typed [`cloud::CloudError`] (which cloud,
 //!   which request, what failed, retried or not), the HTTP client set-up, `Retry-After` — and
 //!   a room per cloud: [`cloud::golioth`] and [`cloud::netneural`] (each its client, wire
@@ -51,7 +50,8 @@
 //!   the store answers, STATUS=.
 //! - [`retention`]: the task that has the store enforce telemetry retention every minute.
 //! - [`api`]: the local HTTP API (axum), its bearer token, the Golioth webhook, the health
-//!   probes; it renders [`view`]'s views, as the CLI does.
+//!   probes; it renders [`view`]'s views, as the CLI does. [`api::console`]: the web console's
+//!   files, embedded, served at `/`.
 //! - [`daemon`]: start-up as a list of spawns, then shutdown in one written order.
 //! - [`view`]: the views the CLI and the API both show (status, device pages, one device).
 //! - [`cli`]: the operator commands (status, devices, rejected, telemetry, queue, desired set,
