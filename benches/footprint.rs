@@ -167,7 +167,7 @@ fn big_database(db: &Path, target_mib: u64) {
             for i in chunk * 50_000..((chunk + 1) * 50_000).min(rows) {
                 let payload = format!(r#"{{"n":{i},"pad":"{pad}"}}"#);
                 point
-                    .execute(rusqlite::params![(i % 100) + 1, now, payload])
+                    .execute(rusqlite::params![(i % 100) as i64 + 1, now, payload])
                     .unwrap();
             }
         }
