@@ -189,7 +189,10 @@ fn ready(runs: usize, db_mib: u64) {
     sock.set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
     let mut env = environment(dir.path(), &db, support::free_port(), None, None);
-    env.push(("NNGW_STORAGE__MAX_SIZE_MIB".into(), (db_mib * 4).to_string()));
+    env.push((
+        "NNGW_STORAGE__MAX_SIZE_MIB".into(),
+        (db_mib * 4).to_string(),
+    ));
     let mut ms = Vec::new();
     for _ in 0..runs {
         let started = Instant::now();
@@ -204,7 +207,10 @@ fn ready(runs: usize, db_mib: u64) {
         let mut buf = [0u8; 4096];
         loop {
             let n = sock.recv(&mut buf).expect("READY=1 within 60 s");
-            if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1") {
+            if String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .any(|l| l == "READY=1")
+            {
                 break;
             }
         }

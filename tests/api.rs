@@ -444,21 +444,6 @@ async fn of_two_resolutions_of_one_conflict_exactly_one_wins_and_lands_in_both_c
     w.site.gw.stop().await;
 }
 
-/// `nn-gateway check-config` and `run` with the environment given.
-fn binary(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nn-gateway"))
-        .args(args)
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code(), text)
-}
-
 #[test]
 fn a_network_bind_without_a_chosen_token_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
@@ -470,7 +455,7 @@ fn a_network_bind_without_a_chosen_token_is_refused_at_start() {
         ("NNGW_COAP__BIND", "127.0.0.1:0"),
     ];
     for command in ["check-config", "run"] {
-        let (code, out) = binary(&[command], &env);
+        let (code, out) = support::nngw(&[command], &env);
         assert_eq!(code, Some(78), "{command}: {out}");
         assert!(
             out.contains("api.bind") && out.contains("0.0.0.0:0") && out.contains("token_file"),
@@ -483,7 +468,7 @@ fn a_network_bind_without_a_chosen_token_is_refused_at_start() {
     std::fs::write(&token, "a-chosen-token-0123\n").unwrap();
     let mut env = env.to_vec();
     env.push(("NNGW_API__TOKEN_FILE", token.to_str().unwrap()));
-    let (code, out) = binary(&["check-config"], &env);
+    let (code, out) = support::nngw(&["check-config"], &env);
     assert_eq!(code, Some(0), "{out}");
     assert!(!out.contains("a-chosen-token-0123"), "{out}");
 }

@@ -393,11 +393,7 @@ fn nngw(args: &[&str], env: &[(String, String)]) -> Output {
 }
 
 fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    support::output_text(out)
 }
 
 #[test]

@@ -21,11 +21,7 @@ fn gateway(args: &[&str], env: &[(&str, &str)]) -> Output {
 }
 
 fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    support::output_text(out)
 }
 
 #[test]

@@ -188,6 +188,29 @@ pub fn config_with_env(
     Ok(cfg)
 }
 
+/// A process's stdout then stderr, as one text (what an operator sees in a terminal).
+pub fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The `nn-gateway` binary this test was built with, run to completion with `args` and the
+/// variables in `env` added: its exit code and [`output_text`].
+pub fn nngw<K: AsRef<std::ffi::OsStr>, V: AsRef<std::ffi::OsStr>>(
+    args: &[&str],
+    env: &[(K, V)],
+) -> (Option<i32>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nn-gateway"))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .expect("the nn-gateway binary runs");
+    (out.status.code(), output_text(&out))
+}
+
 /// A gateway running in this process.
 pub struct Gateway {
     pub shutdown: CancellationToken,

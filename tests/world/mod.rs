@@ -62,17 +62,8 @@ pub async fn sync(db: &Path) -> String {
 
 /// The operator's command, run as the real binary on the daemon's database.
 pub fn cli(db: &Path, args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nn-gateway"))
-        .args(args)
-        .env("NNGW_STORAGE__PATH", db)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    let (code, text) = crate::support::nngw(args, &[("NNGW_STORAGE__PATH", db)]);
+    (code == Some(0), text)
 }
 
 pub fn nn_device<'a>(rows: &'a [Value], hw: &str) -> Option<&'a Value> {
