@@ -340,6 +340,16 @@ impl Config {
             }
             e
         };
+        // A mistake in the file is pointed at by its line, as a compiler would.
+        let blame = |e: ConfigError| {
+            let mut e = blame(e);
+            if e.origin == origin
+                && let Some(line) = e.key.as_deref().and_then(|k| line_of(&text, k))
+            {
+                e.origin = format!("{origin}:{line}");
+            }
+            e
+        };
         let mut cfg: Config = config::Config::builder()
             .add_source(file)
             .add_source(environment)
@@ -544,6 +554,43 @@ impl Config {
 
 /// The key a value refused while deserializing sits at (a topic template that does not parse,
 /// a number out of range), when the loader knows it.
+/// The 1-based line where `key` (`section.sub.key`) is set in a TOML text: under its
+/// `[section.sub]` header, or as a dotted key under a shorter one.
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    let mut table = String::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.starts_with("[[") {
+            continue;
+        }
+        if let Some(header) = line.strip_prefix('[') {
+            let header = header.split(']').next().unwrap_or("");
+            table = header
+                .split('.')
+                .map(|p| p.trim().trim_matches('"'))
+                .collect::<Vec<_>>()
+                .join(".");
+            continue;
+        }
+        let Some((lhs, _)) = line.split_once('=') else {
+            continue;
+        };
+        if line.starts_with('#') {
+            continue;
+        }
+        let lhs: Vec<&str> = lhs.split('.').map(|p| p.trim().trim_matches('"')).collect();
+        let full = if table.is_empty() {
+            lhs.join(".")
+        } else {
+            format!("{table}.{}", lhs.join("."))
+        };
+        if full == key {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
 /// The field of an "unknown field `x`" message.
 fn unknown_field(message: &str) -> Option<&str> {
     let rest = message.strip_prefix("unknown field `")?;

@@ -274,6 +274,36 @@ fn an_unknown_key_anywhere_in_the_file_is_an_error_naming_the_file_and_the_key()
 }
 
 #[test]
+fn a_mistake_in_the_file_is_pointed_at_by_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("# top\n[coap]\nbnid = \"0.0.0.0:5683\"\n", 3),
+        ("[mqtt]\nport = 1883\n\n[mqtt.topics]\n# c\nstat = \"x/{device}\"\n", 6),
+        ("[mqtt]\nhost = \"h\"\nport = 0\n", 3),
+        ("mqtt.keep_alive = 30\n", 1),
+    ];
+    for (text, line) in cases {
+        let file = write(&dir, "lines.toml", text);
+        let err = Config::load_with(&Source::File(file.clone()), &[], None)
+            .expect_err(&format!("{text:?} was accepted"))
+            .to_string();
+        assert!(
+            err.starts_with(&format!("{}:{line}: ", file.display())),
+            "{text:?}: {err} should point at line {line}"
+        );
+    }
+    // From the environment: no line (the file is not at fault).
+    let err = Config::load_with(
+        &Source::File(write(&dir, "ok.toml", "[mqtt]\nport = 1883\n")),
+        &env(&[("NNGW_MQTT__PORT", "0")]),
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.starts_with("environment variable NNGW_MQTT__PORT"), "{err}");
+}
+
+#[test]
 fn an_unknown_key_anywhere_from_the_environment_is_an_error_naming_the_key() {
     for (_, var, key, table) in UNKNOWN_KEYS {
         let err = Config::load_with(&Source::Embedded, &env(&[(var, "1")]), None)
