@@ -3,7 +3,7 @@
 # tools; needs no running systemd and no root.
 #
 # - `systemd-analyze verify` must print nothing. It runs on a copy whose ExecStart= points at a
-#   dummy executable, because verify rejects a missing /usr/local/bin/nn-gateway and this check
+#   dummy executable, because verify rejects a missing /usr/bin/nn-gateway and this check
 #   must neither need an installed gateway nor write outside its temporary directory.
 # - `systemd-analyze security --offline=yes` must rate the unit at or below MAX_EXPOSURE.
 # - `systemd-sysusers` must accept the sysusers.d file (applied to an empty temporary root).
@@ -37,7 +37,7 @@ fail() {
 # 1. verify, against a copy whose ExecStart= binary exists.
 printf '#!/bin/sh\nexit 0\n' >"$work/nn-gateway"
 chmod 755 "$work/nn-gateway"
-sed "s|/usr/local/bin/nn-gateway|$work/nn-gateway|g" "$unit" >"$work/nn-gateway.service"
+sed "s|/usr/bin/nn-gateway|$work/nn-gateway|g" "$unit" >"$work/nn-gateway.service"
 if verify_out=$(systemd-analyze verify "$work/nn-gateway.service" 2>&1) && [ -z "$verify_out" ]; then
     echo "ok   systemd-analyze verify: no warnings"
 else
