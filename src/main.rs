@@ -201,6 +201,12 @@ fn main() -> ExitCode {
                 || matches!(
                     e.downcast_ref::<daemon::DaemonError>(),
                     Some(daemon::DaemonError::Config(_))
+                )
+                // A cloud client that cannot be built (no CA certificates on the machine):
+                // a restart cannot fix that either.
+                || matches!(
+                    e.downcast_ref::<daemon::DaemonError>(),
+                    Some(daemon::DaemonError::Cloud(c)) if c.request == nn_gateway::cloud::CLIENT_SET_UP
                 );
             if config {
                 ExitCode::from(EXIT_CONFIG)

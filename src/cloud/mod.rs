@@ -443,6 +443,9 @@ pub fn install_crypto_provider() {
 ///
 /// # Errors
 /// When the TLS stack cannot be set up (no root certificates can be loaded).
+/// The request named by a [`http_client`] failure.
+pub const CLIENT_SET_UP: &str = "client set-up";
+
 pub fn http_client(target: Target, settings: HttpSettings) -> Result<reqwest::Client, CloudError> {
     install_crypto_provider();
     reqwest::Client::builder()
@@ -452,7 +455,15 @@ pub fn http_client(target: Target, settings: HttpSettings) -> Result<reqwest::Cl
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("nn-gateway/", env!("CARGO_PKG_VERSION")))
         .build()
-        .map_err(|e| CloudError::request(target, "client set-up", e.to_string()))
+        .map_err(|e| {
+            // rustls-platform-verifier reads the system's CA store: a bare root has none.
+            let hint = if std::path::Path::new("/etc/ssl/certs").is_dir() {
+                ""
+            } else {
+                " (no CA certificates in /etc/ssl/certs: install the ca-certificates package)"
+            };
+            CloudError::request(target, CLIENT_SET_UP, format!("{e}{hint}"))
+        })
 }
 
 /// An API key that SIGHUP can replace while the lanes run. Read for every request.
