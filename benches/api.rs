@@ -187,11 +187,13 @@ async fn main() {
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     let open = daemon.status_kib("VmRSS").unwrap_or(0);
+    let open_anon = daemon.status_kib("RssAnon").unwrap_or(0);
     let peak = daemon.status_kib("VmHWM").unwrap_or(0);
     println!(
-        "memory: idle {:.1} MiB; console open {console_s} s: {:.1} MiB, peak {:.1} MiB",
+        "memory: idle {:.1} MiB; console open {console_s} s: {:.1} MiB ({:.1} MiB private), peak {:.1} MiB",
         idle as f64 / 1024.0,
         open as f64 / 1024.0,
+        open_anon as f64 / 1024.0,
         peak as f64 / 1024.0
     );
     assert!(daemon.stop(), "the daemon did not stop cleanly");

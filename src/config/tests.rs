@@ -278,7 +278,10 @@ fn a_mistake_in_the_file_is_pointed_at_by_its_line() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
         ("# top\n[coap]\nbnid = \"0.0.0.0:5683\"\n", 3),
-        ("[mqtt]\nport = 1883\n\n[mqtt.topics]\n# c\nstat = \"x/{device}\"\n", 6),
+        (
+            "[mqtt]\nport = 1883\n\n[mqtt.topics]\n# c\nstat = \"x/{device}\"\n",
+            6,
+        ),
         ("[mqtt]\nhost = \"h\"\nport = 0\n", 3),
         ("mqtt.keep_alive = 30\n", 1),
     ];
@@ -300,7 +303,10 @@ fn a_mistake_in_the_file_is_pointed_at_by_its_line() {
     )
     .unwrap_err()
     .to_string();
-    assert!(err.starts_with("environment variable NNGW_MQTT__PORT"), "{err}");
+    assert!(
+        err.starts_with("environment variable NNGW_MQTT__PORT"),
+        "{err}"
+    );
 }
 
 #[test]
