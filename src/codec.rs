@@ -57,7 +57,8 @@ pub fn decode(payload: &[u8], choice: FormatChoice) -> Result<(Format, Value), D
 
 /// Deepest nesting of arrays and maps a CBOR payload may have: what serde_json reads back
 /// (its recursion limit), since every document is stored as JSON text. A deeper one would be
-/// stored and then read back as a string of its text (found by `fuzz/payload`).
+/// stored and then read back as a string of its text (the `fuzz/payload` round trip, on a
+/// crafted input).
 pub const MAX_NESTING: usize = 127;
 
 /// Decodes a payload known to be in `format`.
@@ -156,8 +157,8 @@ mod tests {
         assert_eq!(decode_as(&text, Format::Json), Ok(value));
     }
 
-    /// Found by `fuzz/payload`: CBOR nested deeper than serde_json reads was accepted, and its
-    /// JSON text (as the store keeps it) did not decode again.
+    /// Found by the `fuzz/payload` round trip on a crafted input: CBOR nested deeper than
+    /// serde_json reads was accepted, and its JSON text (as the store keeps it) did not decode.
     #[test]
     fn cbor_nests_no_deeper_than_json_text_can_be_read_back() {
         let nested = |depth: usize| [vec![0x81; depth - 1], vec![0x80]].concat();
