@@ -55,6 +55,12 @@ pub fn decode(payload: &[u8], choice: FormatChoice) -> Result<(Format, Value), D
     decode_as(payload, format).map(|v| (format, v))
 }
 
+/// Deepest nesting of arrays and maps a CBOR payload may have: what serde_json reads back
+/// (its recursion limit), since every document is stored as JSON text. A deeper one would be
+/// stored and then read back as a string of its text (the `fuzz/payload` round trip, on a
+/// crafted input).
+pub const MAX_NESTING: usize = 127;
+
 /// Decodes a payload known to be in `format`.
 pub fn decode_as(payload: &[u8], format: Format) -> Result<Value, DecodeError> {
     if payload.is_empty() {
@@ -67,7 +73,8 @@ pub fn decode_as(payload: &[u8], format: Format) -> Result<Value, DecodeError> {
         Format::Cbor => {
             let mut reader = payload;
             let value: Value =
-                ciborium::from_reader(&mut reader).map_err(|e| DecodeError::Cbor(e.to_string()))?;
+                ciborium::de::from_reader_with_recursion_limit(&mut reader, MAX_NESTING)
+                    .map_err(|e| DecodeError::Cbor(e.to_string()))?;
             if !reader.is_empty() {
                 return Err(DecodeError::Cbor(format!(
                     "{} trailing bytes after the first item",
@@ -135,6 +142,39 @@ mod tests {
             decode(&two, FormatChoice::Cbor),
             Err(DecodeError::Cbor(_))
         ));
+    }
+
+    /// Found by `fuzz/payload`: the default JSON float parser read this CBOR double back
+    /// one ulp off once stored as JSON text (5.429707779445516e-51 as ...515e-51).
+    #[test]
+    fn a_cbor_float_survives_json_text_exactly() {
+        let payload = [
+            0xa2, 0x62, b'o', b'n', 0xf5, 0x64, b't', b'e', b'm', b'p', 0xfb, 0x35, 0x80, 0x40,
+            0x80, 0x61, 0x00, 0x00, 0x00,
+        ];
+        let (_, value) = decode(&payload, FormatChoice::Cbor).unwrap();
+        let text = encode(&value, Format::Json);
+        assert_eq!(decode_as(&text, Format::Json), Ok(value));
+    }
+
+    /// Found by the `fuzz/payload` round trip on a crafted input: CBOR nested deeper than
+    /// serde_json reads was accepted, and its JSON text (as the store keeps it) did not decode.
+    #[test]
+    fn cbor_nests_no_deeper_than_json_text_can_be_read_back() {
+        let nested = |depth: usize| [vec![0x81; depth - 1], vec![0x80]].concat();
+        let (_, deepest) = decode(&nested(MAX_NESTING), FormatChoice::Cbor).unwrap();
+        let text = encode(&deepest, Format::Json);
+        assert_eq!(decode_as(&text, Format::Json), Ok(deepest));
+        assert!(matches!(
+            decode(&nested(MAX_NESTING + 1), FormatChoice::Cbor),
+            Err(DecodeError::Cbor(_))
+        ));
+        let too_deep_json = format!(
+            "{}{}",
+            "[".repeat(MAX_NESTING + 1),
+            "]".repeat(MAX_NESTING + 1)
+        );
+        assert!(decode_as(too_deep_json.as_bytes(), Format::Json).is_err());
     }
 
     #[test]

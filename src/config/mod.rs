@@ -320,7 +320,22 @@ impl Config {
                 key: None,
             })?,
         };
-        let file = config::File::from_str(&text, config::FileFormat::Toml);
+        Config::load_str(&text, &origin, env, credentials_dir)
+    }
+
+    /// [`Config::load_with`] of a text already read: `origin` names it in errors. The one
+    /// code path after reading the file, so a fuzzer can drive the loader without writing files.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming `origin`, the key and the value at fault.
+    pub fn load_str(
+        text: &str,
+        origin: &str,
+        env: &[(String, String)],
+        credentials_dir: Option<&Path>,
+    ) -> Result<Config, ConfigError> {
+        let origin = origin.to_owned();
+        let file = config::File::from_str(text, config::FileFormat::Toml);
         let env_map: config::Map<String, String> = env
             .iter()
             .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}_")))
