@@ -359,7 +359,7 @@ impl Config {
         let blame = |e: ConfigError| {
             let mut e = blame(e);
             if e.origin == origin
-                && let Some(line) = e.key.as_deref().and_then(|k| line_of(&text, k))
+                && let Some(line) = e.key.as_deref().and_then(|k| line_of(text, k))
             {
                 e.origin = format!("{origin}:{line}");
             }
