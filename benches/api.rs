@@ -22,13 +22,6 @@ use std::time::{Duration, Instant};
 
 use fakes::rig::{Backlog, Daemon, environment};
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -72,10 +65,10 @@ impl Client {
 #[tokio::main]
 async fn main() {
     nn_gateway::cloud::install_crypto_provider();
-    let devices: u64 = env_or("API_DEVICES", 10_000);
-    let points: u64 = env_or("API_POINTS", 200_000);
-    let requests: usize = env_or("API_REQUESTS", 200);
-    let console_s: u64 = env_or("API_CONSOLE_S", 20);
+    let devices: u64 = support::env_or("API_DEVICES", 10_000);
+    let points: u64 = support::env_or("API_POINTS", 200_000);
+    let requests: usize = support::env_or("API_REQUESTS", 200);
+    let console_s: u64 = support::env_or("API_CONSOLE_S", 20);
 
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("gateway.db");

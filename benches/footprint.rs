@@ -31,13 +31,6 @@ use std::time::{Duration, Instant};
 
 use fakes::rig::{Backlog, Daemon, environment};
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
@@ -246,9 +239,9 @@ fn ready(runs: usize, db_mib: u64) {
 }
 
 fn main() {
-    let runs = env_or("FOOTPRINT_RUNS", 5);
-    let db_mib = env_or("FOOTPRINT_DB_MIB", 1024);
-    let settle_s = env_or("FOOTPRINT_SETTLE_S", 10);
+    let runs = support::env_or("FOOTPRINT_RUNS", 5);
+    let db_mib = support::env_or("FOOTPRINT_DB_MIB", 1024);
+    let settle_s = support::env_or("FOOTPRINT_SETTLE_S", 10);
     size();
     idle(settle_s);
     loaded(settle_s);

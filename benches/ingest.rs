@@ -38,13 +38,6 @@ use support::{Numbered, Site, assert_each_once_in_order};
 
 const DEVICES: u64 = 10;
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// Telemetry points stored so far (see the module doc for why `max(id)`).
 fn stored(conn: &rusqlite::Connection) -> u64 {
     conn.query_row("SELECT coalesce(max(id), 0) FROM telemetry", [], |r| {
@@ -181,8 +174,8 @@ fn median(rates: &mut [f64]) -> (f64, f64, f64) {
 }
 
 fn main() {
-    let messages: u64 = env_or("INGEST_MESSAGES", 100_000);
-    let runs: usize = env_or("INGEST_RUNS", 5);
+    let messages: u64 = support::env_or("INGEST_MESSAGES", 100_000);
+    let runs: usize = support::env_or("INGEST_RUNS", 5);
     let sync = match std::env::var("INGEST_SYNC").as_deref() {
         Ok("normal") => Synchronous::Normal,
         _ => Synchronous::Full,

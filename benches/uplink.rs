@@ -29,13 +29,6 @@ use fakes::rig::{Backlog, Daemon};
 use fakes::{FakeGolioth, FakeNetNeural, Fault, Match};
 use support::{Mosquitto, Numbered};
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn count(db: &Path, sql: &str) -> u64 {
     rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
         .and_then(|c| c.query_row(sql, [], |r| r.get::<_, i64>(0)))
@@ -254,12 +247,12 @@ fn report(what: &str, runs: &[Figures]) {
 }
 
 fn main() {
-    let runs: usize = env_or("UPLINK_RUNS", 3);
+    let runs: usize = support::env_or("UPLINK_RUNS", 3);
     let only = std::env::var("UPLINK_ONLY").unwrap_or_default();
-    let devices: u64 = env_or("UPLINK_DEVICES", 10_000);
-    let points: u64 = env_or("UPLINK_POINTS", 1_000_000);
-    let live: u64 = env_or("UPLINK_LIVE", 50_000);
-    let latency = Duration::from_millis(env_or("UPLINK_LATENCY_MS", 20));
+    let devices: u64 = support::env_or("UPLINK_DEVICES", 10_000);
+    let points: u64 = support::env_or("UPLINK_POINTS", 1_000_000);
+    let live: u64 = support::env_or("UPLINK_LIVE", 50_000);
+    let latency = Duration::from_millis(support::env_or("UPLINK_LATENCY_MS", 20));
     nn_gateway::cloud::install_crypto_provider();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -326,13 +326,13 @@ impl Db {
         }
     }
 
-    pub fn status(&self) -> Result<Status, StoreError> {
-        let c = &self.conn;
-        let count = |sql: &str| c.query_row(sql, [], |r| r.get::<_, i64>(0));
-        let mut stmt = c.prepare(
-            "SELECT target, state, count(*) FROM outbox GROUP BY target, state ORDER BY target, state",
-        )?;
-        let outbox = stmt
+    /// Outbox rows per cloud and state (`status`, and the metrics' gauges).
+    pub fn outbox_counts(&self) -> Result<Vec<OutboxCount>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT target, state, count(*) FROM outbox GROUP BY target, state ORDER BY target, state",
+            )?
             .query_map([], |r| {
                 Ok(OutboxCount {
                     target: r.get(0)?,
@@ -340,7 +340,13 @@ impl Db {
                     rows: r.get(2)?,
                 })
             })?
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, _>>()?)
+    }
+
+    pub fn status(&self) -> Result<Status, StoreError> {
+        let c = &self.conn;
+        let count = |sql: &str| c.query_row(sql, [], |r| r.get::<_, i64>(0));
+        let outbox = self.outbox_counts()?;
         let file_size = |p: PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
         let mut wal = self.path.as_os_str().to_owned();
         wal.push("-wal");

@@ -45,18 +45,7 @@ impl Db {
     /// When a query fails.
     pub fn gauges(&self) -> Result<Gauges, StoreError> {
         let c = &self.conn;
-        let outbox = c
-            .prepare_cached(
-                "SELECT target, state, count(*) FROM outbox GROUP BY target, state ORDER BY target, state",
-            )?
-            .query_map([], |r| {
-                Ok(OutboxCount {
-                    target: r.get(0)?,
-                    state: r.get(1)?,
-                    rows: r.get(2)?,
-                })
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
+        let outbox = self.outbox_counts()?;
         let oldest_undelivered = c
             .prepare_cached(
                 "SELECT target, min(created_at) FROM outbox WHERE state IN ('pending', 'in_flight')

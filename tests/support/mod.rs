@@ -188,6 +188,14 @@ pub fn config_with_env(
     Ok(cfg)
 }
 
+/// A benchmark's knob: the variable `name` parsed, else `default`.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// A process's stdout then stderr, as one text (what an operator sees in a terminal).
 pub fn output_text(out: &std::process::Output) -> String {
     format!(
