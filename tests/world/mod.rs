@@ -10,6 +10,8 @@
 
 #![allow(dead_code)]
 
+pub mod http;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
