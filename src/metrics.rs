@@ -74,128 +74,23 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 use crate::health::{Health, LaneState, LinkState};
-use crate::model::{Origin, Outcome, Reading, RejectCause, Target, WriteOp};
+use crate::model::{Outcome, Reading, RejectCause, Target, WriteOp};
 use crate::store::retention::Report;
 use crate::store::{Db, StoreError};
 
+mod labels;
+use labels::*;
+
 /// The `Content-Type` of [`Metrics::encode`]'s output.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
-
-/// The transports that ingest, as label words; indexes of the pre-resolved counters.
-const TRANSPORTS: [&str; 2] = ["mqtt", "coap"];
-
-/// Message kinds, as label words; indexes of the pre-resolved counters.
-const KINDS: [&str; 2] = ["state", "telemetry"];
-
-/// The outbox's row states, as the database spells them.
-const OUTBOX_STATES: [&str; 4] = ["pending", "in_flight", "done", "dead"];
-
-/// Every lane state, in the order `nngw_cloud_lane_state` lists them.
-const LANE_STATES: [LaneState; 5] = [
-    LaneState::Disabled,
-    LaneState::Online,
-    LaneState::BackingOff,
-    LaneState::Offline,
-    LaneState::AuthFailed,
-];
-
-/// A lane state as a label value (snake case, unlike [`LaneState::as_str`], which is for
-/// people).
-fn lane_word(state: LaneState) -> &'static str {
-    match state {
-        LaneState::Disabled => "disabled",
-        LaneState::Online => "online",
-        LaneState::BackingOff => "backing_off",
-        LaneState::Offline => "offline",
-        LaneState::AuthFailed => "auth_failed",
-    }
-}
-
-fn transport_index(origin: Origin) -> Option<usize> {
-    match origin {
-        Origin::Mqtt => Some(0),
-        Origin::Coap => Some(1),
-        Origin::Golioth | Origin::NetNeural | Origin::Local => None,
-    }
-}
-
-fn cause_index(cause: RejectCause) -> usize {
-    RejectCause::ALL
-        .iter()
-        .position(|c| *c == cause)
-        .unwrap_or_default()
-}
-
-/// Seconds: one group commit (0.5 ms to 8 s; a commit with `synchronous = full` costs an
-/// fsync, a few ms on flash).
-fn commit_buckets() -> impl Iterator<Item = f64> {
-    exponential_buckets(0.0005, 2.0, 15)
-}
-
-/// Writes in one group commit: 1 to 1024, which covers [`crate::store::MAX_BATCH`].
-fn group_buckets() -> impl Iterator<Item = f64> {
-    exponential_buckets(1.0, 2.0, 11)
-}
-
-/// Seconds: one cloud request (5 ms to 40 s, past the longest request timeout one would set).
-fn request_buckets() -> impl Iterator<Item = f64> {
-    exponential_buckets(0.005, 2.0, 14)
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct IngestLabels {
-    transport: &'static str,
-    kind: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RejectLabels {
-    transport: &'static str,
-    reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct TransportLabels {
-    transport: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RequestLabels {
-    cloud: &'static str,
-    operation: String,
-    status: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct OperationLabels {
-    cloud: &'static str,
-    operation: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct CloudStateLabels {
-    cloud: &'static str,
-    state: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct CloudLabels {
-    cloud: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReasonLabels {
-    reason: &'static str,
-}
 
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 

@@ -4,7 +4,9 @@ use serde_json::json;
 
 use super::*;
 use crate::config::Synchronous;
-use crate::model::{DeviceKey, Format, Inbound, MqttDelivery, Point, Rejection, UnixMillis};
+use crate::model::{
+    DeviceKey, Format, Inbound, MqttDelivery, Origin, Point, Rejection, UnixMillis,
+};
 use crate::store::OpenOptions;
 
 /// The value of the sample `series` (name and labels exactly as exposed), if it is there.
