@@ -65,8 +65,11 @@
 
 pub mod desired;
 mod link;
+mod problem;
 pub mod router;
 mod tls;
+
+use problem::Problem;
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -558,49 +561,6 @@ impl Driver {
             ),
         }
         self.health.set_mqtt(LinkState::Down);
-    }
-}
-
-/// Why a connection attempt failed, as far as it changes what an operator should do.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Problem {
-    /// The broker answered and said no: credentials, ACL or client id.
-    Refused,
-    /// TLS failed: the sentence of [`tls::explain`]. `refused` when rustls named the problem
-    /// (a certificate, a name, an alert): the link is then `refused` (the module doc of
-    /// [`tls`] says why), else `down`.
-    Tls { sentence: String, refused: bool },
-    /// No answer, or the connection broke.
-    Unreachable,
-}
-
-impl Problem {
-    fn of(e: &rumqttc::ConnectionError, tls: Option<&TlsClient>) -> Problem {
-        if let Some(tls) = tls {
-            let ctx = tls::Context {
-                ca_file: tls.ca_file(),
-                server_name: tls.server_name(),
-                client_cert: tls.has_client_cert(),
-            };
-            if let Some(tls::Explained { sentence, refused }) = tls::explain(e, ctx) {
-                return Problem::Tls { sentence, refused };
-            }
-        }
-        match e {
-            rumqttc::ConnectionError::ConnectionRefused(_) => Problem::Refused,
-            _ => Problem::Unreachable,
-        }
-    }
-
-    fn advice(&self) -> String {
-        match self {
-            Problem::Refused => "broker refused the connection: check mqtt.username, \
-                                 mqtt.password_file (or credential mqtt-password), \
-                                 mqtt.client_id and the broker's ACL"
-                .to_owned(),
-            Problem::Tls { sentence, .. } => format!("cannot reach broker: {sentence}"),
-            Problem::Unreachable => "cannot reach broker".to_owned(),
-        }
     }
 }
 
