@@ -28,6 +28,7 @@ use super::server::{Api, Request, Response, Server};
 pub const DEFAULT_KEY: &str = "netneural-test-key";
 
 mod db;
+mod index;
 mod schema;
 
 use db::*;
