@@ -11,17 +11,11 @@ use std::time::Duration;
 use nn_gateway::model::DeviceKey;
 use nn_gateway::store::Db;
 use serde_json::{Value, json};
-use support::{Device, Gateway, Mosquitto, Site, cbor, config, wait_for, wait_subscribed};
+use support::{
+    Device, Gateway, Mosquitto, Site, cbor, config, reported, wait_for, wait_subscribed,
+};
 
 const WAIT: Duration = Duration::from_secs(10);
-
-fn reported(db: &Db, key: &str) -> Option<Value> {
-    db.devices()
-        .ok()?
-        .into_iter()
-        .find(|d| d.key == key)?
-        .reported
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_patches_in_json_and_cbor_merge_into_one_document() {

@@ -19,7 +19,7 @@ use nn_gateway::health::LinkState;
 use nn_gateway::store::Db;
 use rumqttc::{MqttOptions, TlsConfiguration, Transport};
 use serde_json::{Value, json};
-use support::{Device, Gateway, Mosquitto, config_with_env, skip, wait_for};
+use support::{Device, Gateway, Mosquitto, config_with_env, reported, skip, wait_for};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -190,14 +190,6 @@ async fn connected(db: &Path) {
         link(db).filter(|(state, error)| *state == LinkState::Connected && error.is_none())
     })
     .await;
-}
-
-fn reported(db: &Db, key: &str) -> Option<Value> {
-    db.devices()
-        .ok()?
-        .into_iter()
-        .find(|d| d.key == key)?
-        .reported
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

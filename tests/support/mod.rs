@@ -188,6 +188,12 @@ pub fn config_with_env(
     Ok(cfg)
 }
 
+/// The reported document of device `key` in the mirror, if it has one.
+pub fn reported(db: &Db, key: &str) -> Option<serde_json::Value> {
+    let key = nn_gateway::model::DeviceKey::parse(key).ok()?;
+    db.device(&key).ok()??.0.reported
+}
+
 /// A benchmark's knob: the variable `name` parsed, else `default`.
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
